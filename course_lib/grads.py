@@ -1,0 +1,78 @@
+"""Per-example gradients, Hessian-vector products and flattening helpers (torch.func).
+
+Everything differentiates the parameters that the forward pass actually uses: ``functional_call(net, params, x)``
+with ``params`` a dict of tensors, never a detached copy. The training objective is the one SGD minimises:
+mean cross-entropy over the training set plus (weight_decay / 2) * ||theta||^2.
+"""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, grad, jvp, vmap
+
+from . import measure
+
+
+def flatten(tensors: dict) -> torch.Tensor:
+    """Concatenate a dict of tensors into one vector (in the dict's order)."""
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def unflatten(vec: torch.Tensor, like: dict) -> dict:
+    """Split a vector (p,) back into tensors shaped like ``like``."""
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = vec[i:i + t.numel()].view_as(t)
+        i += t.numel()
+    if i != vec.numel():
+        raise ValueError(f"vector has {vec.numel()} entries, parameters have {i}")
+    return out
+
+
+def _example_fn(net, fn: str):
+    f = measure.get(fn)
+
+    def one(params, x, y):
+        return f(functional_call(net, params, (x.unsqueeze(0),)), y.unsqueeze(0)).squeeze(0)
+    return one
+
+
+def per_example_grads(net, params: dict, x, y, fn: str = "loss", batch_size: int = 512,
+                      names=None) -> torch.Tensor:
+    """(n, p) gradients of ``fn`` ('loss' or 'margin') of each example with respect to the parameters.
+
+    names: restrict to these parameter names (the others are held fixed); default: all, in the dict's order.
+    """
+    names = list(params) if names is None else list(names)
+    one = _example_fn(net, fn)
+
+    def g(sub, x1, y1):
+        return flatten(grad(lambda p: one({**params, **p}, x1, y1))(sub))
+
+    batched = vmap(g, in_dims=(None, 0, 0))
+    sub = {k: params[k].detach() for k in names}
+    return torch.cat([batched(sub, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+
+
+def objective(net, params: dict, x, y, weight_decay: float = 0.0, batch_size: int = 1000):
+    """Mean cross-entropy over (x, y) plus (weight_decay / 2) ||params||^2."""
+    total = sum(measure.loss(functional_call(net, params, (xb,)), yb).sum()
+                for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    return total / len(y) + 0.5 * weight_decay * sum((p ** 2).sum() for p in params.values())
+
+
+def hvp(net, params: dict, x, y, v: torch.Tensor, weight_decay: float = 0.0, batch_size: int = 1000):
+    """Hessian of ``objective`` times a flat vector v (p,), by forward-over-reverse (jvp of grad)."""
+    params = {k: p.detach() for k, p in params.items()}
+    tangent = unflatten(v, params)
+    out = torch.zeros_like(v)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        f = lambda p: objective(net, p, xb, yb) * len(yb) / len(y)
+        out += flatten(jvp(grad(f), (params,), (tangent,))[1])
+    return out + weight_decay * v
+
+
+def hessian(net, params: dict, x, y, weight_decay: float = 0.0) -> torch.Tensor:
+    """The explicit (p, p) Hessian of ``objective``, for models small enough (columns are HVPs)."""
+    p = sum(t.numel() for t in params.values())
+    eye = torch.eye(p, dtype=next(iter(params.values())).dtype)
+    return torch.stack([hvp(net, params, x, y, eye[i], weight_decay) for i in range(p)], 1)

@@ -1,0 +1,214 @@
+"""The Linear Datamodeling Score: subsets, the ground-truth builder and its cache, and the score itself.
+
+Ground truth ("train once, evaluate every method"): draw m random subsets S_j of the training pool of size
+alpha * n, train k models (seeds) on each, and record every model's margin on the whole test split. The result is
+cached on disk under a hash of everything that affects it, written atomically, and resumable: models are trained in
+chunks and every finished chunk is kept, so an interrupted build continues where it stopped.
+
+LDS of a score matrix tau (n_train, T): for each target t, the Spearman correlation over the m subsets between the
+prediction sum_{i in S_j} tau[i, t] and the recorded output (averaged over the k models); reported as the mean over
+targets with a bootstrap confidence interval over targets.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from tqdm.auto import tqdm
+
+from . import train
+from .cache import atomic_save, cache_dir, cache_key
+from .data import Data
+from .settings import Setting
+
+FORMAT_VERSION = 1
+
+
+def subset_masks(n: int, m: int, alpha: float, seed: int, stream: str = "lds") -> torch.Tensor:
+    """(m, n) bool masks, each with exactly round(alpha * n) True entries, drawn uniformly at random.
+
+    ``stream`` names an independent random stream: the LDS evaluation subsets use "lds", a method that trains on
+    subsets of its own (datamodels) uses another name, so the two never share draws.
+    """
+    size = round(alpha * n)
+    if not 0 < size < n:
+        raise ValueError(f"alpha={alpha} gives subsets of size {size} out of {n}; need 0 < size < n")
+    g = torch.Generator().manual_seed(zlib.crc32(f"{stream}:{seed}".encode()))
+    masks = torch.zeros(m, n, dtype=torch.bool)
+    for j in range(m):
+        masks[j, torch.randperm(n, generator=g)[:size]] = True
+    return masks
+
+
+@dataclass
+class GroundTruth:
+    """masks (m, n_train) bool; outputs (m, k, n_test) margins of every model on the whole test split;
+    accuracy (m, k) test accuracy of every model; target_idx: the default LDS targets (indices into the test
+    split); spec: everything that produced it; seconds: training time spent building it (all sessions)."""
+    masks: torch.Tensor
+    outputs: torch.Tensor
+    accuracy: torch.Tensor
+    target_idx: torch.Tensor
+    spec: dict
+    seconds: float
+
+    @property
+    def m(self) -> int:
+        return self.outputs.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.outputs.shape[1]
+
+    def target_outputs(self, targets=None, models=None) -> torch.Tensor:
+        """(m, T) outputs on the targets averaged over the models (all k, or the given model indices)."""
+        targets = self.target_idx if targets is None else torch.as_tensor(targets)
+        out = self.outputs[:, :, targets]
+        if models is not None:
+            out = out[:, torch.as_tensor(models)]
+        return out.mean(1)
+
+
+def ground_truth_spec(cfg: Setting) -> dict:
+    return {"version": FORMAT_VERSION, "recipe": cfg.recipe(), "alpha": cfg.alpha, "m": cfg.gt_subsets,
+            "k": cfg.gt_models, "seed": cfg.gt_seed}
+
+
+def model_seeds(m: int, k: int, seed: int, stream: str = "lds") -> torch.Tensor:
+    """(m, k) training seeds: distinct per subset and replicate, and per stream."""
+    base = zlib.crc32(f"{stream}-models:{seed}".encode()) % (2 ** 30)
+    return base + torch.arange(m * k).view(m, k)
+
+
+def train_outputs(cfg: Setting, data: Data, masks: torch.Tensor, seeds: torch.Tensor, folder: Path,
+                  desc: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Train a model for every (mask, seed) pair and record its test-split margins, resumably.
+
+    masks (M, n_train), seeds (M,). Models are trained in chunks of ``cfg.ensemble_size``; chunk c is saved to
+    ``folder/part_c.pt`` as soon as it finishes and is never trained again. Returns outputs (M, n_test),
+    accuracy (M,), and the training seconds spent on all chunks (this run and earlier ones).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chunk = cfg.ensemble_size
+    starts = list(range(0, len(masks), chunk))
+    parts = []
+    bar = tqdm(starts, desc=desc, unit="chunk", disable=not progress)
+    for c, s in enumerate(bar):
+        path = folder / f"part_{c:05d}.pt"
+        if path.exists():
+            parts.append(torch.load(path))
+            continue
+        t0 = time.perf_counter()
+        models = train.train_models(cfg, data, masks[s:s + chunk], seeds[s:s + chunk])
+        part = {"outputs": models.outputs(data.x_test.to(cfg.torch_device), data.y_test).cpu(),
+                "accuracy": models.accuracy(data.x_test.to(cfg.torch_device), data.y_test).cpu(),
+                "seconds": time.perf_counter() - t0}
+        atomic_save(part, path)
+        parts.append(part)
+    return (torch.cat([p["outputs"] for p in parts]), torch.cat([p["accuracy"] for p in parts]),
+            sum(p["seconds"] for p in parts))
+
+
+def build_ground_truth(cfg: Setting, data: Data, cache=None, progress: bool = True) -> GroundTruth:
+    """Load the setting's ground truth from the cache, or build it (resuming any interrupted build)."""
+    spec = ground_truth_spec(cfg)
+    folder = cache_dir(cache) / f"gt_{cfg.recipe()['dataset']}_{cache_key(spec)}"
+    final = folder / "ground_truth.pt"
+    if final.exists():
+        return GroundTruth(**torch.load(final))
+    m, k = cfg.gt_subsets, cfg.gt_models
+    masks = subset_masks(data.n_train, m, cfg.alpha, cfg.gt_seed)
+    seeds = model_seeds(m, k, cfg.gt_seed)
+    outputs, acc, seconds = train_outputs(cfg, data, masks.repeat_interleave(k, 0), seeds.flatten(), folder,
+                                          f"ground truth: {m * k} models", progress)
+    gt = GroundTruth(masks, outputs.view(m, k, -1), acc.view(m, k), data.target_idx.clone(), spec, seconds)
+    atomic_save(asdict(gt), final)
+    for p in folder.glob("part_*.pt"):
+        p.unlink()
+    return gt
+
+
+@dataclass
+class Score:
+    """A mean over targets with a bootstrap confidence interval; per_target holds the values averaged."""
+    mean: float
+    ci: tuple
+    per_target: np.ndarray
+
+    def __repr__(self):
+        return f"{self.mean:.3f} [{self.ci[0]:.3f}, {self.ci[1]:.3f}]"
+
+    def __format__(self, spec):
+        return repr(self)
+
+
+def bootstrap(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Score:
+    """Mean of ``values`` with a percentile bootstrap interval (resampling the values)."""
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return Score(float(v.mean()), (float(lo), float(hi)), v)
+
+
+def spearman_columns(a, b) -> np.ndarray:
+    """Spearman correlation between matching columns of a and b (m, T) -> (T,). A constant column (no
+    variation across subsets, so no ranking) gives 0."""
+    ra = rankdata(np.asarray(a, dtype=np.float64), axis=0)
+    rb = rankdata(np.asarray(b, dtype=np.float64), axis=0)
+    ra -= ra.mean(0)
+    rb -= rb.mean(0)
+    denom = np.sqrt((ra ** 2).sum(0) * (rb ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(0) / denom
+    return np.where(denom > 0, rho, 0.0)
+
+
+def predictions(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(m, T) predicted outputs: sum of the scores of the examples in each subset."""
+    return masks.to(torch.float64) @ scores.to(torch.float64).cpu()
+
+
+def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0) -> Score:
+    """LDS of ``scores`` (n_train, T) against the ground truth, with a 95% bootstrap interval over targets.
+
+    targets: indices into the test split for the T columns (default: the ground truth's targets).
+    models: which of the k replicate models to average (default: all).
+    """
+    scores = torch.as_tensor(scores)
+    targets = gt.target_idx if targets is None else torch.as_tensor(targets)
+    n = gt.masks.shape[1]
+    if scores.ndim != 2 or scores.shape != (n, len(targets)):
+        raise ValueError(f"scores must have shape (n_train, n_targets) = ({n}, {len(targets)}), "
+                         f"got {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    rho = spearman_columns(predictions(scores, gt.masks), gt.target_outputs(targets, models))
+    return bootstrap(rho, seed=seed)
+
+
+def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0) -> dict:
+    """How much of the ground truth any attribution could predict, given seed noise.
+
+    ``one_vs_one``: mean per-target Spearman correlation, over the subsets, between two models trained with
+    different seeds on the same subsets (averaged over all pairs of the k replicates). Call it r.
+    ``ceiling_1`` and ``ceiling_k``: the correlation that the best possible predictor (the seed-averaged output
+    E[f(S)]) would reach against one model's outputs, and against the k-model average that LDS uses:
+    sqrt(r) and sqrt(k r / (1 + (k - 1) r)) (Spearman-Brown, treating seed noise as independent across models).
+    Each is a Score (mean over targets with a bootstrap interval).
+    """
+    targets = gt.target_idx if targets is None else torch.as_tensor(targets)
+    out = gt.outputs[:, :, targets].numpy()
+    k = gt.k
+    if k < 2:
+        raise ValueError("the noise ceiling needs at least two models per subset (gt_models >= 2)")
+    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
+    r = np.mean([spearman_columns(out[:, a], out[:, b]) for a, b in pairs], axis=0)
+    rc = np.clip(r, 0, 1)
+    return {"one_vs_one": bootstrap(r, seed=seed), "ceiling_1": bootstrap(np.sqrt(rc), seed=seed),
+            "ceiling_k": bootstrap(np.sqrt(k * rc / (1 + (k - 1) * rc)), seed=seed)}

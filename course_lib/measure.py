@@ -1,0 +1,33 @@
+"""The model outputs that attribution explains.
+
+The default measurement is the margin ``f(x, y) = logit_y - logsumexp_{y' != y} logit_{y'}``, the log-odds of the
+correct class: ``log(p_y / (1 - p_y))``. It is what TRAK and the LDS ground truth use.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MEASURES = ("margin", "loss")
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """logit_y - logsumexp of the other logits; logits (..., C), y broadcastable to (...) -> (...)."""
+    y = y.expand(logits.shape[:-1])
+    correct = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[-1]).bool(), float("-inf"))
+    return correct - others.logsumexp(-1)
+
+
+def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy; logits (..., C), y broadcastable to (...) -> (...)."""
+    y = y.expand(logits.shape[:-1])
+    return -logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def get(name: str):
+    if name == "margin":
+        return margin
+    if name == "loss":
+        return loss
+    raise ValueError(f"unknown measurement {name!r}; valid: {', '.join(MEASURES)}")

