@@ -113,7 +113,7 @@ def _validate(s: Setting):
 
 
 PRESETS = {
-    "smoke": Setting("smoke", n_train=500, n_targets=40, epochs=8, lr=0.1, gt_subsets=24, gt_models=2,
+    "smoke": Setting("smoke", n_train=500, n_targets=40, epochs=8, batch_size=32, gt_subsets=24, gt_models=2,
                      dm_models=192, trak_models=2, trak_proj_dim=256),
     "cpu": Setting("cpu"),
     "gpu": Setting("gpu", dataset="cifar2", arch="resnet9", epochs=24, batch_size=512, lr=0.4,
