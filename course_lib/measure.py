@@ -15,7 +15,9 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """logit_y - logsumexp of the other logits; logits (..., C), y broadcastable to (...) -> (...)."""
     y = y.expand(logits.shape[:-1])
     correct = logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[-1]).bool(), float("-inf"))
+    # a comparison, not F.one_hot: one_hot inspects the values, which torch.func.vmap cannot trace
+    is_y = torch.arange(logits.shape[-1], device=logits.device) == y.unsqueeze(-1)
+    others = logits.masked_fill(is_y, float("-inf"))
     return correct - others.logsumexp(-1)
 
 

@@ -1,0 +1,370 @@
+"""Influence functions (Koh & Liang 2017) for small models, in the course's sign convention (chapter 01).
+
+Setting. The model minimises the training objective of ``grads.objective``,
+    R(theta) = (1/n) sum_i loss_i(theta) + (wd / 2) ||theta||^2,        with Hessian H = grad^2 R(theta*).
+Up-weighting example i by eps, R_eps = R + eps * loss_i, moves the minimiser by
+    d theta* / d eps = -H^{-1} grad loss_i                                  (implicit function theorem).
+Including example i (versus leaving it out) is eps = +1/n, so, to first order, the parameters move by
+    -(1/n) H^{-1} grad loss_i,
+and a measured output f_t (the margin of target t, or its loss) moves by
+
+    tau[i, t] = -(1/n) grad f_t(theta*)^T (H + lambda I)^{-1} grad loss_i(theta*).
+
+This is the course convention: tau[i, t] > 0 means including i RAISES f_t. The damping lambda makes H + lambda I
+invertible when H is not positive definite (deep nets). The leave-one-out prediction (Koh & Liang's quantity,
+removing i) is the negative: f_t(without i) - f_t(with i) ~= -tau[i, t]. For the test loss this is
++(1/n) grad L_test^T H^{-1} grad loss_i. "Leaving out" here means giving example i weight 0 in the same
+(1/n)-normalised sum; the convex reference ``fit_convex`` retrains exactly that objective.
+
+The cost is dominated by inverse-Hessian-vector products (iHVPs). Everything solves for many right-hand sides at
+once: the T target gradients form a (p, T) matrix V, and each solver returns X ~= (H + lambda I)^{-1} V. The
+per-example training gradients are computed once (``grads.per_example_grads``) and reused for every target:
+scores = -(1/n) G_train @ X.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from .. import grads
+
+# ----------------------------------------------------------------------------------------------- Hessian operators
+
+
+class HessianOperator:
+    """The Hessian of the training objective as a linear map on (p, T) matrices.
+
+    ``op(V)`` multiplies by the Hessian over all of (x, y) (or a fixed random subsample of ``hessian_n``
+    examples, when given: a cheaper, noisier Hessian); ``op(V, idx)`` uses only the examples ``idx`` (LiSSA's
+    stochastic products). Weight decay is always included, damping never (the solvers add it).
+    """
+
+    def __init__(self, net, params: dict, x, y, weight_decay: float = 0.0, hessian_n: int | None = None,
+                 seed: int = 0, batch_size: int = 1000, chunk: int = 64):
+        self.net, self.weight_decay, self.batch_size, self.chunk = net, weight_decay, batch_size, chunk
+        self.params = {k: v.detach() for k, v in params.items()}
+        if hessian_n is not None and hessian_n < len(y):
+            keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:hessian_n]
+            x, y = x[keep], y[keep]
+        self.x, self.y = x, y
+        self.n = len(y)
+        self.p = sum(v.numel() for v in self.params.values())
+        self.calls = 0  # number of (example, vector) products, for cost accounting
+
+    def __call__(self, V: torch.Tensor, idx=None) -> torch.Tensor:
+        x, y = (self.x, self.y) if idx is None else (self.x[idx], self.y[idx])
+        self.calls += len(y) * V.shape[1]
+        return grads.hvps(self.net, self.params, x, y, V, self.weight_decay, self.batch_size, self.chunk)
+
+    def dense(self) -> torch.Tensor:
+        """The explicit (p, p) Hessian (columns are HVPs); only for small p."""
+        return self(torch.eye(self.p, dtype=next(iter(self.params.values())).dtype))
+
+
+class MatrixOperator:
+    """An explicit symmetric matrix H (p, p) behind the same interface (tests, logistic regression).
+
+    ``op(V, idx)`` ignores idx unless per-example Hessians ``parts`` (n, p, p) were given, whose mean is H."""
+
+    def __init__(self, H: torch.Tensor, parts: torch.Tensor | None = None):
+        self.H, self.parts = H, parts
+        self.p = H.shape[0]
+        self.n = 1 if parts is None else len(parts)
+
+    def __call__(self, V, idx=None):
+        if idx is None or self.parts is None:
+            return self.H @ V
+        return self.parts[idx].mean(0) @ V
+
+    def dense(self):
+        return self.H
+
+
+# ------------------------------------------------------------------------------------------------------- solvers
+
+
+def _check_rhs(V, damping=0.0):
+    if V.ndim != 2:
+        raise ValueError(f"right-hand sides must be a (p, T) matrix, got shape {tuple(V.shape)}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping}")
+
+
+def solve_exact(H: torch.Tensor, V: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
+    """X = (H + damping I)^{-1} V with the explicit (p, p) Hessian, in float64 (the reference solver)."""
+    _check_rhs(V, damping)
+    A = H.double() + damping * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
+    return torch.linalg.solve(A, V.double()).to(V.dtype)
+
+
+def solve_cg(hvp, V: torch.Tensor, damping: float = 0.0, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Conjugate gradient for (H + damping I) X = V, every column of V (p, T) at once.
+
+    hvp: V (p, T) -> H V. Each iteration costs one (batched) Hessian product. A column stops changing once its
+    relative residual is below ``tol``. CG assumes H + damping I is positive definite; where it is not (small
+    damping on a non-convex model) a column can blow up: that is the fragility this chapter measures.
+    """
+    _check_rhs(V, damping)
+    X = torch.zeros_like(V)
+    R = V.clone()
+    P = R.clone()
+    rs = (R * R).sum(0)
+    target = tol ** 2 * rs.clamp_min(1e-30)
+    for _ in range(iters):
+        active = rs > target
+        if not active.any():
+            break
+        AP = hvp(P) + damping * P
+        pAp = (P * AP).sum(0)
+        alpha = torch.where(active, rs / torch.where(pAp == 0, torch.ones_like(pAp), pAp), torch.zeros_like(rs))
+        X += alpha * P
+        R -= alpha * AP
+        rs_new = (R * R).sum(0)
+        beta = torch.where(active, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
+        P = R + beta * P
+        rs = torch.where(active, rs_new, rs)
+    return X
+
+
+def solve_lanczos(hvp, V: torch.Tensor, dampings, iters: int = 30) -> dict:
+    """Conjugate gradient for MANY dampings at once ("multi-shift CG"), every column of V at once.
+
+    Runs ``iters`` Lanczos steps from each column v of V, building an orthonormal basis Q_k of the Krylov space
+    span{v, Hv, ..., H^{k-1} v} and the tridiagonal T_k = Q_k^T H Q_k. Krylov spaces do not change when H is shifted
+    by lambda I, so for every damping lambda the CG iterate after k steps is ||v|| Q_k (T_k + lambda I)^{-1} e_1:
+    one set of Hessian products serves the whole damping sweep. Full re-orthogonalisation keeps Q_k orthonormal in
+    floating point. Returns {damping: X (p, T)}.
+    """
+    _check_rhs(V)
+    dampings = [float(d) for d in dampings]
+    if min(dampings) < 0:
+        raise ValueError(f"dampings must be >= 0, got {dampings}")
+    p, T = V.shape
+    k = min(iters, p)
+    beta0 = V.norm(dim=0)
+    Q = torch.zeros(k, p, T, dtype=V.dtype, device=V.device)
+    alphas = torch.zeros(k, T, dtype=V.dtype, device=V.device)
+    betas = torch.zeros(k, T, dtype=V.dtype, device=V.device)
+    q = V / beta0.clamp_min(1e-30)
+    q_prev = torch.zeros_like(q)
+    b_prev = torch.zeros(T, dtype=V.dtype, device=V.device)
+    steps = 0
+    for j in range(k):
+        Q[j] = q
+        w = hvp(q)
+        a = (q * w).sum(0)
+        w = w - a * q - b_prev * q_prev
+        w = w - torch.einsum("jpt,jt->pt", Q[:j + 1], torch.einsum("jpt,pt->jt", Q[:j + 1], w))  # re-orthogonalise
+        b = w.norm(dim=0)
+        alphas[j], betas[j] = a, b
+        steps = j + 1
+        alive = b > 1e-6 * beta0.clamp_min(1e-30) * max(1.0, float(a.abs().max()))
+        q_prev, q = q, torch.where(alive, w / b.clamp_min(1e-30), torch.zeros_like(w))
+        b = torch.where(alive, b, torch.zeros_like(b))
+        betas[j] = b
+        b_prev = b
+        if not alive.any():
+            break
+    Tm = torch.diag_embed(alphas[:steps].T.double())
+    off = betas[:steps - 1].T.double()
+    Tm = Tm + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)  # (T, k, k)
+    e1 = torch.zeros(T, steps, 1, dtype=torch.float64, device=V.device)
+    e1[:, 0, 0] = beta0.double()
+    eye = torch.eye(steps, dtype=torch.float64, device=V.device)
+    out = {}
+    for lam in dampings:
+        y = torch.linalg.solve(Tm + lam * eye, e1)[..., 0].to(V.dtype)  # (T, k)
+        out[lam] = torch.einsum("jpt,tj->pt", Q[:steps], y)
+    return out
+
+
+def solve_lissa(hvp, V: torch.Tensor, damping: float = 0.0, n: int | None = None, depth: int = 1000,
+                scale: float = 10.0, batch_size: int = 32, repeats: int = 1, seed: int = 0,
+                progress: bool = False) -> torch.Tensor:
+    """LiSSA (Agarwal et al. 2017; Koh & Liang's stochastic estimator) for (H + damping I) X = V.
+
+    The Neumann series (A / s)^{-1} = sum_j (I - A / s)^j, with A = H + damping I, run as the recursion
+        h_0 = v,    h_j = v + (I - A_j / s) h_{j-1},    X ~= h_depth / s,
+    where A_j uses the Hessian of a random minibatch of ``batch_size`` examples (``hvp(V, idx)``, indices below
+    ``n``; with n=None the full Hessian is used every step). Converges when ``scale`` s exceeds the largest
+    eigenvalue of A and A is positive definite; ``depth`` must be large compared with s / (smallest eigenvalue +
+    damping). The result is averaged over ``repeats`` independent runs.
+    """
+    _check_rhs(V, damping)
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros_like(V)
+    for _ in range(repeats):
+        h = V.clone()
+        for _ in tqdm(range(depth), disable=not progress, leave=False, desc="LiSSA"):
+            idx = None if n is None else torch.randint(0, n, (batch_size,), generator=g)
+            h = V + h - (hvp(h, idx) + damping * h) / scale
+            if not torch.isfinite(h).all():
+                raise FloatingPointError(f"LiSSA diverged: scale={scale} is below the largest eigenvalue of "
+                                         f"H + {damping} I; raise the scale")
+        total += h / scale
+    return total / repeats
+
+
+# ------------------------------------------------------------------------------------------------------- scores
+
+
+def influence_from_solution(train_grads: torch.Tensor, X: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """tau = -(1/n) G_train X: (n_train, p) gradients of the training losses, X (p, T) = (H + lambda I)^{-1} grad f.
+
+    The effect of INCLUDING each training example on each target's measured output (see the module docstring).
+    n: the number of examples in the training objective (default: the rows of train_grads)."""
+    n = len(train_grads) if n is None else n
+    return -(train_grads @ X) / n
+
+
+@dataclass
+class Influence:
+    """Influence scores and what it took to get them.
+
+    scores: (n_train, T) tau for the first damping (course convention); by_damping: {damping: scores} when a
+    sweep was solved at once; seconds: wall time of gradients + solve; hvp_products: (example, vector) Hessian
+    products used."""
+    scores: torch.Tensor
+    by_damping: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    hvp_products: int = 0
+
+
+def influence_scores(net, params: dict, x_train, y_train, x_targets, y_targets, *, weight_decay: float,
+                     damping=0.01, solver: str = "cg", target_fn: str = "margin", iters: int = 30,
+                     hessian_n: int | None = None, train_grads: torch.Tensor | None = None,
+                     lissa: dict | None = None, seed: int = 0, batch_size: int = 256) -> Influence:
+    """Influence of every training example on every target: tau (n_train, T), course convention.
+
+    tau[i, t] = -(1/n) grad f_t^T (H + damping I)^{-1} grad loss_i, with f_t the target's margin (target_fn=
+    "margin") or loss ("loss", Koh & Liang's quantity), and H the Hessian of the training objective (mean loss +
+    weight_decay/2 ||theta||^2) at ``params``, over all training examples or a random ``hessian_n`` of them.
+
+    solver: "exact" (explicit Hessian; small models), "cg" (batched conjugate gradient, ``iters`` steps; a list of
+    dampings is solved at once by multi-shift CG and returned in ``by_damping``), "lissa" (``lissa`` holds depth,
+    scale, batch_size, repeats). train_grads: precomputed (n_train, p) per-example loss gradients, to reuse.
+    """
+    solvers = ("exact", "cg", "lissa")
+    if solver not in solvers:
+        raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(solvers)}")
+    dampings = list(damping) if isinstance(damping, (list, tuple)) else [damping]
+    if solver != "cg" and len(dampings) > 1:
+        raise ValueError("several dampings at once need solver='cg' (multi-shift CG)")
+    t0 = time.perf_counter()
+    params = {k: v.detach() for k, v in params.items()}
+    if train_grads is None:
+        train_grads = grads.per_example_grads(net, params, x_train, y_train, "loss", batch_size)
+    V = grads.per_example_grads(net, params, x_targets, y_targets, target_fn, batch_size).T.contiguous()  # (p, T)
+    op = HessianOperator(net, params, x_train, y_train, weight_decay, hessian_n, seed)
+    if solver == "exact":
+        sols = {dampings[0]: solve_exact(op.dense(), V, dampings[0])}
+    elif solver == "lissa":
+        kw = {"depth": 1000, "scale": 10.0, "batch_size": 32, "repeats": 1, **(lissa or {})}
+        sols = {dampings[0]: solve_lissa(op, V, dampings[0], n=op.n, seed=seed, **kw)}
+    elif len(dampings) == 1:
+        sols = {dampings[0]: solve_cg(op, V, dampings[0], iters=iters)}
+    else:
+        sols = solve_lanczos(op, V, dampings, iters=iters)
+    by = {d: influence_from_solution(train_grads, X, len(y_train)) for d, X in sols.items()}
+    return Influence(by[dampings[0]], by, time.perf_counter() - t0, op.calls)
+
+
+# ------------------------------------------------------------------------- simple alternatives (identity Hessian)
+
+
+def grad_dot(train_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Tensor:
+    """-grad loss_i . grad f_t, (n_train, T): the influence with H replaced by the identity (and 1/n dropped).
+
+    Course sign: one SGD step on example i moves f_t by -lr * grad f_t . grad loss_i, so positive = raises f_t."""
+    return -(train_grads @ target_grads.T)
+
+
+def grad_cos(train_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Tensor:
+    """grad_dot with both gradients normalised to unit length (Barshan et al. 2020's fix for large-norm outliers)."""
+    a = torch.nn.functional.normalize(train_grads, dim=1)
+    b = torch.nn.functional.normalize(target_grads, dim=1)
+    return -(a @ b.T)
+
+
+@torch.no_grad()
+def features(net, params: dict, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Penultimate-layer representation (the input of ``net.head``), (n, d), via a forward hook."""
+    store = []
+    hook = net.head.register_forward_hook(lambda m, inp, out: store.append(inp[0].detach()))
+    try:
+        for xb in x.split(batch_size):
+            functional_call(net, params, (xb,))
+    finally:
+        hook.remove()
+    return torch.cat(store)
+
+
+def representation_similarity(net, params: dict, x_train, x_targets) -> torch.Tensor:
+    """Cosine similarity of penultimate-layer features, (n_train, T) (Hanawa et al. 2021's 'representation')."""
+    a = torch.nn.functional.normalize(features(net, params, x_train), dim=1)
+    b = torch.nn.functional.normalize(features(net, params, x_targets), dim=1)
+    return a @ b.T
+
+
+def identical_class_rate(scores: torch.Tensor, y_train: torch.Tensor, y_pred_targets: torch.Tensor) -> float:
+    """Hanawa et al.'s identical-class test: the fraction of targets whose top-1 training example (highest score)
+    has the target's PREDICTED class."""
+    top = scores.argmax(0)
+    return float((y_train[top] == y_pred_targets).float().mean())
+
+
+def check_informative(scores: torch.Tensor, rel: float = 1e-3):
+    """Raise ValueError unless scores vary across training examples for every target and differ between targets.
+
+    Catches the failure of a published notebook that differentiated a detached copy of the parameters: every
+    gradient came out zero, so every score was the same number."""
+    s = scores.double()
+    if not torch.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinite values")
+    scale = s.abs().max().clamp_min(1e-300)
+    if (s.std(0) <= rel * scale).any():
+        raise ValueError("scores are (nearly) constant across training examples for some target: are the "
+                         "gradients taken with respect to the parameters the forward pass uses?")
+    if s.shape[1] > 1 and (s - s[:, :1]).abs().max() <= rel * scale:
+        raise ValueError("every target got the same scores")
+
+
+# ---------------------------------------------------------------------------------- convex reference retraining
+
+
+def fit_convex(net, params: dict, x, y, weight_decay: float, weights: torch.Tensor | None = None,
+               max_iter: int = 500, tol: float = 1e-10) -> dict:
+    """Minimise (1/n) sum_i w_i loss_i + (wd/2) ||theta||^2 with full-batch L-BFGS, starting from ``params``.
+
+    weights: (n,) per-example weights (default 1); weight 0 leaves an example out while keeping the 1/n
+    normalisation of the influence derivation. For convex models (logistic regression) this reaches the unique
+    minimiser, which is what the influence function's leave-one-out prediction refers to. Returns new params.
+    """
+    n = len(y)
+    w = torch.ones(n, dtype=x.dtype) if weights is None else weights.to(x.dtype)
+    names = list(params)
+    theta = [params[k].detach().clone().requires_grad_() for k in names]
+    opt = torch.optim.LBFGS(theta, lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-14,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        p = dict(zip(names, theta))
+        from ..measure import loss
+        obj = (w * loss(functional_call(net, p, (x,)), y)).sum() / n
+        obj = obj + 0.5 * weight_decay * sum((t ** 2).sum() for t in theta)
+        obj.backward()
+        return obj
+
+    for _ in range(20):  # L-BFGS may stop early on a line search; restart until the gradient is tiny
+        opt.step(closure)
+        gnorm = math.sqrt(sum(float((t.grad ** 2).sum()) for t in theta))
+        if gnorm < tol * 10:
+            break
+    return {k: t.detach() for k, t in zip(names, theta)}
