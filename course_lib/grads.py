@@ -76,3 +76,22 @@ def hessian(net, params: dict, x, y, weight_decay: float = 0.0) -> torch.Tensor:
     p = sum(t.numel() for t in params.values())
     eye = torch.eye(p, dtype=next(iter(params.values())).dtype)
     return torch.stack([hvp(net, params, x, y, eye[i], weight_decay) for i in range(p)], 1)
+
+
+def hvps(net, params: dict, x, y, V: torch.Tensor, weight_decay: float = 0.0, batch_size: int = 1000,
+         chunk: int = 64) -> torch.Tensor:
+    """Hessian of ``objective`` times many vectors at once: V (p, T) -> (p, T).
+
+    The same forward-over-reverse product as ``hvp``, vmapped over the columns of V (``chunk`` columns at a time,
+    which bounds the memory: activations are held for ``chunk`` tangents of a ``batch_size`` batch).
+    """
+    params = {k: p.detach() for k, p in params.items()}
+    if V.ndim != 2:
+        raise ValueError(f"V must have shape (p, T), got {tuple(V.shape)}")
+    out = torch.zeros_like(V)
+    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
+        g = grad(lambda p: objective(net, p, xb, yb) * len(yb) / len(y))
+        one = lambda t: flatten(jvp(g, (params,), (unflatten(t, params),))[1])
+        for s in range(0, V.shape[1], chunk):
+            out[:, s:s + chunk] += vmap(one, in_dims=1, out_dims=1)(V[:, s:s + chunk])
+    return out + weight_decay * V
