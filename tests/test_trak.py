@@ -1,0 +1,203 @@
+"""TRAK (chapter 06): projections, features, the damped GLM influence step, and the reference implementation."""
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from course_lib import measure, models, settings, train
+from course_lib.attribution import trak as T
+from course_lib.train import Models
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_projection_preserves_inner_products(kind):
+    """Johnson-Lindenstrauss: <P^T a, P^T b> = <a, b> +- eps |a||b| for all pairs, with eps ~ sqrt(log(pairs)/k);
+    the error shrinks like 1/sqrt(k); the estimate is unbiased (averaged over seeds)."""
+    p, n = 2000, 12
+    a = torch.randn(n, p, dtype=torch.float64)
+    a[1] = a[0] + 0.3 * a[1]  # some correlated pairs
+    exact = a @ a.T
+    norms = exact.diagonal().sqrt()
+    errs = {}
+    for k in (64, 1024):
+        fa = T.RandomProjection(p, k, kind, seed=1, dtype=torch.float64).project(a)
+        rel = ((fa @ fa.T) - exact) / (norms[:, None] * norms[None])
+        errs[k] = rel.abs().max().item()
+        # variance of each entry <= 2 |a|^2 |b|^2 / k; 6 sigma covers all 78 pairs with a wide margin
+        assert errs[k] < 6 * math.sqrt(2 / k), (k, errs[k])
+    assert errs[1024] < errs[64] / 2
+    # unbiased: the mean over 100 seeds of <Pa, Pb> (k=16) is within 5 standard errors of <a, b>
+    est = torch.stack([(lambda f: f[0] @ f[1])(T.RandomProjection(p, 16, kind, seed=s, dtype=torch.float64)
+                                                 .project(a[:2])) for s in range(100)])
+    se = math.sqrt(2 / 16 / 100) * (norms[0] * norms[1]).item()
+    assert abs(est.mean().item() - exact[0, 1].item()) < 5 * se
+    # a projection without the 1/sqrt(k) scale would be off by a factor k: this test would catch it
+    assert abs((fa.norm(dim=1) / norms).mean().item() - 1) < 0.1
+
+
+def test_projection_blocks_equal_one_shot():
+    p, k = 2500, 40
+    g = torch.randn(7, p)
+    whole = T.RandomProjection(p, k, "rademacher", seed=3)  # fits in memory: made once and kept
+    streamed = T.RandomProjection(p, k, "rademacher", seed=3, block_rows=1024, max_bytes=0)
+    assert streamed._full is None and streamed.num_blocks == 3
+    assert torch.equal(whole.matrix(), streamed.matrix())
+    assert torch.allclose(streamed.project(g), g @ whole.matrix(), atol=1e-5)
+    assert torch.allclose(streamed.project(g), whole.project(g), atol=1e-5)
+    assert torch.allclose(whole.matrix().abs() * math.sqrt(k), torch.ones(p, k))
+    assert abs(whole.matrix().sign().mean()) < 0.02
+    # block b is rows [b * block_rows, ...) of the one-shot matrix
+    assert torch.equal(streamed.block(1), whole.matrix()[1024:2048])
+    # seeded: same seed same matrix, another seed another matrix; gaussian differs from rademacher
+    assert torch.equal(T.RandomProjection(p, k, "gaussian", seed=3).matrix(),
+                       T.RandomProjection(p, k, "gaussian", seed=3, max_bytes=0).matrix())
+    assert not torch.equal(whole.matrix(), T.RandomProjection(p, k, "rademacher", seed=4).matrix())
+    with pytest.raises(ValueError, match="valid"):
+        T.RandomProjection(p, k, "sparse")
+    with pytest.raises(ValueError, match="columns"):
+        whole.project(torch.randn(3, p + 1))
+
+
+def _logreg_models(n_models=2, d=12, c=3, n=90, seed=0):
+    """Tiny multinomial logistic regressions (p = c (d + 1) = 39 < n) with random weights, and their data."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n + 20, 1, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (n + 20,), generator=g)
+    net = models.LogisticRegression((1, d), c).double()
+    params = {"linear.weight": torch.randn(n_models, c, d, generator=g, dtype=torch.float64),
+              "linear.bias": torch.randn(n_models, c, generator=g, dtype=torch.float64)}
+    ms = Models(net, params, {}, torch.arange(n_models), torch.ones(n_models, n, dtype=torch.bool))
+    return ms, x[:n], y[:n], x[n:], y[n:]
+
+
+def _closed_form_features(w, b, x, y):
+    """Margin gradient of logistic regression by hand: d margin / d logits = e_y - softmax over the other
+    classes; d logits_c / d (W_c, b_c) = (x, 1). Returns (n, c * d + c) in the parameter order (W, b)."""
+    x = x.flatten(1)
+    logits = x @ w.T + b
+    is_y = torch.nn.functional.one_hot(y, w.shape[0]).bool()
+    s = logits.masked_fill(is_y, float("-inf")).softmax(-1)
+    dz = is_y.double() - s
+    return torch.cat([(dz[:, :, None] * x[:, None, :]).flatten(1), dz], 1), 1 - logits.softmax(-1)[is_y]
+
+
+def test_identity_projection_on_logistic_regression_equals_closed_form():
+    ms, x, y, xt, yt = _logreg_models()
+    res = T.trak(ms, x, y, xt, yt, kind="identity", damping=1e-3, progress=False)
+    kernels, qs = [], []
+    for m in range(len(ms)):
+        w, b = ms.params["linear.weight"][m], ms.params["linear.bias"][m]
+        phi, q = _closed_form_features(w, b, x, y)
+        phi_t, _ = _closed_form_features(w, b, xt, yt)
+        k = phi.T @ phi
+        lam = 1e-3 * k.trace() / len(k)
+        kernels.append(phi @ torch.linalg.inv(k + lam * torch.eye(len(k), dtype=k.dtype)) @ phi_t.T)
+        qs.append(q)
+        assert torch.allclose(res.q[m], q, atol=1e-10)
+    expected = torch.stack(kernels).mean(0) * torch.stack(qs).mean(0)[:, None]
+    assert torch.allclose(res.scores(), expected, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(res.scores(q="per_model"), (torch.stack(kernels) * torch.stack(qs)[..., None]).mean(0),
+                          rtol=1e-6, atol=1e-9)
+    assert torch.allclose(res.scores(m=1), kernels[0] * qs[0][:, None], rtol=1e-6, atol=1e-9)
+    # and the undamped limit is the exact GLM least-squares influence (the kernel is invertible here: n > p)
+    tiny = T.trak(ms.select([0]), x, y, xt, yt, kind="identity", damping=1e-12, progress=False).scores()
+    phi, q = _closed_form_features(ms.params["linear.weight"][0], ms.params["linear.bias"][0], x, y)
+    phi_t, _ = _closed_form_features(ms.params["linear.weight"][0], ms.params["linear.bias"][0], xt, yt)
+    assert torch.allclose(tiny, phi @ torch.linalg.solve(phi.T @ phi, phi_t.T) * q[:, None], rtol=1e-5,
+                          atol=1e-8)
+
+
+def test_damped_solve_never_inverts_a_singular_kernel():
+    """A rank-10 512x512 kernel (the published bug: batch-summed gradients) is singular; the damped solve is
+    finite, matches the ridge formula in its dual form, and refuses zero damping."""
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(64, 10, generator=g) @ torch.randn(10, 512, generator=g)
+    phi_t = torch.randn(5, 512, generator=g)
+    kernel = phi.double().T @ phi.double()
+    assert torch.linalg.matrix_rank(kernel) == 10
+    out = T.kernel_solve(phi, phi_t, damping=1e-2)
+    assert torch.isfinite(out).all() and out.shape == (64, 5)
+    lam = 1e-2 * kernel.trace() / 512
+    a, b = phi.double(), phi_t.double()
+    dual = torch.linalg.solve(a @ a.T + lam * torch.eye(64, dtype=torch.float64), a @ b.T)  # push-through identity
+    assert torch.allclose(out.double(), dual, rtol=1e-3, atol=1e-6 * dual.abs().max())
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="damping"):
+            T.kernel_solve(phi, phi_t, damping=bad)
+    with pytest.raises(ValueError, match="all zero"):
+        T.kernel_solve(torch.zeros(4, 3), torch.ones(2, 3))
+
+
+def test_features_are_per_example_gradients(smoke, smoke_data):
+    """Each row is that example's own margin gradient at the trained parameters: equal to the gradient of the
+    example alone, summing to the gradient of the batch sum, full rank, and matching finite differences."""
+    torch.manual_seed(1)
+    net = train.build_model(smoke, smoke_data).double()
+    params = {k: v.detach().double() for k, v in net.named_parameters()}
+    x, y = smoke_data.x_train[:12].double(), smoke_data.y_train[:12]
+    phi = T.featurize(net, params, x, y, batch_size=5, chunk=8)
+    p = sum(v.numel() for v in params.values())
+    assert phi.shape == (12, p)
+    assert torch.linalg.matrix_rank(phi) == 12  # batch-summed gradients would give rank 1
+    for i in (0, 7):
+        alone = T.featurize(net, params, x[i:i + 1], y[i:i + 1])[0]
+        assert torch.allclose(phi[i], alone, atol=1e-10)
+    live = {k: v.clone().requires_grad_() for k, v in params.items()}
+    total = measure.margin(functional_call(net, live, (x,)), y).sum()
+    summed = torch.cat([t.reshape(-1) for t in torch.autograd.grad(total, list(live.values()))])
+    assert torch.allclose(phi.sum(0), summed, atol=1e-8)
+    v = torch.randn(p, dtype=torch.float64)
+    eps = 1e-6
+
+    def f(shift):
+        shifted = {k: t + shift * dv for (k, t), dv in zip(params.items(), T.G.unflatten(v, params).values())}
+        return measure.margin(functional_call(net, shifted, (x[3:4],)), y[3:4])[0]
+    assert torch.allclose((f(eps) - f(-eps)) / (2 * eps), phi[3] @ v, rtol=1e-5, atol=1e-7)
+    # fn='loss' gives the loss gradient, a different feature
+    loss_phi = T.featurize(net, params, x[:3], y[:3], fn="loss")
+    assert not torch.allclose(loss_phi, phi[:3])
+
+
+def test_scores_are_in_the_course_convention(smoke, smoke_data):
+    """An example's score on itself (as a target) is positive (including it raises its own margin), shapes are
+    (n_train, n_targets), soft-thresholding zeroes the requested share of each column."""
+    ms = train.reference_models(smoke, smoke_data, 1)
+    x, y = smoke_data.x_train[:200], smoke_data.y_train[:200]
+    res = T.trak(ms, x, y, x[:30], y[:30], proj_dim=128, progress=False)
+    s = res.scores()
+    assert s.shape == (200, 30) and res.seconds.shape == (1,) and res.time() > 0
+    assert (s[torch.arange(30), torch.arange(30)] > 0).all()  # phi K^-1 phi > 0 and Q > 0 even when p ~ 1
+    assert (res.q > 0).all() and (res.q < 1).all()
+    thr = res.scores(sparsity=0.8)
+    assert ((thr == 0).float().mean(0) - 0.8).abs().max() < 0.02
+    assert torch.equal(thr.sign()[thr != 0], s.sign()[thr != 0])
+    with pytest.raises(ValueError, match="m must"):
+        res.scores(m=2)
+    with pytest.raises(ValueError, match="q mode"):
+        res.scores(q="median")
+
+
+def test_agrees_with_reference_traker(smoke, smoke_data):
+    """Same checkpoints, same projection matrices (ours plugged into traker), float32: the scores agree with the
+    reference library. The one convention that differs: traker divides each model's inverse kernel by the mean of
+    its absolute entries before averaging over models, which reweights the models (with one model it is only a
+    global scale). Reweighting ours the same way must reproduce traker's scores; unweighted they correlate > 0.98."""
+    pytest.importorskip("trak", reason="optional extra: pip install traker==0.3.2")
+    ms = train.reference_models(smoke, smoke_data, 2)
+    x, y = smoke_data.x_train[:300], smoke_data.y_train[:300]
+    xt, yt = smoke_data.x_targets[:20], smoke_data.y_targets[:20]
+    k = 128
+    res = T.trak(ms, x, y, xt, yt, proj_dim=k, damping=1e-6, progress=False)
+    theirs, _ = T.traker_scores(ms, x, y, xt, yt, proj_dim=k, projection="ours")
+    weights = []
+    for m in range(2):
+        params = ms.params_of(m)
+        proj = T.RandomProjection(sum(v.numel() for v in params.values()), k, seed=m)
+        phi = T.featurize(ms.net, params, x, y, proj).double()
+        weights.append(1 / torch.linalg.inv(phi.T @ phi).abs().mean())
+    w = torch.stack(weights)[:, None, None].float()
+    reweighted = (res.kernel_scores * w).sum(0) * res.q.mean(0)[:, None]
+    corr = lambda a, b: torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1]
+    assert corr(reweighted, theirs) > 0.9999, corr(reweighted, theirs)
+    assert corr(res.scores(), theirs) > 0.98, corr(res.scores(), theirs)
