@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import grads as G
+from .. import measure
 from ..train import Models
 
 PROJECTIONS = ("rademacher", "gaussian", "identity")
@@ -102,31 +103,6 @@ class RandomProjection:
         return out
 
 
-def _margin(logits, y):
-    """The margin of ``measure.margin`` written without ``F.one_hot`` (which calls ``.item()`` and so fails
-    under ``vmap``): logit_y - logsumexp of the other logits."""
-    is_y = torch.arange(logits.shape[-1], device=logits.device) == y[..., None]
-    correct = logits.masked_fill(~is_y, 0).sum(-1)
-    return correct - logits.masked_fill(is_y, float("-inf")).logsumexp(-1)
-
-
-def per_example_grads(net, params: dict, x, y, fn: str = "margin", batch_size: int = 256) -> torch.Tensor:
-    """(n, p) per-example gradients of ``fn`` at ``params``: ``grads.per_example_grads`` for the loss; for the
-    margin the same vmap(grad(functional_call)) recipe with a vmap-safe margin."""
-    if fn == "loss":
-        return G.per_example_grads(net, params, x, y, fn="loss", batch_size=batch_size)
-    if fn != "margin":
-        raise ValueError(f"unknown model output {fn!r}; valid: margin, loss")
-    from torch.func import functional_call, grad, vmap
-
-    def one(p, x1, y1):
-        return _margin(functional_call(net, p, (x1.unsqueeze(0),)), y1.unsqueeze(0)).squeeze(0)
-
-    batched = vmap(lambda p, x1, y1: G.flatten(grad(one)(p, x1, y1)), in_dims=(None, 0, 0))
-    p = {k: v.detach() for k, v in params.items()}
-    return torch.cat([batched(p, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
-
-
 def featurize(net, params: dict, x, y, projection: RandomProjection | None = None, fn: str = "margin",
               batch_size: int = 256, chunk: int = 2048) -> torch.Tensor:
     """(n, k) projected per-example gradients of ``fn`` (default: the margin) at ``params``.
@@ -136,7 +112,7 @@ def featurize(net, params: dict, x, y, projection: RandomProjection | None = Non
     """
     out = []
     for xc, yc in zip(x.split(chunk), y.split(chunk)):
-        g = per_example_grads(net, params, xc, yc, fn, batch_size)
+        g = G.per_example_grads(net, params, xc, yc, fn=fn, batch_size=batch_size)
         out.append(g if projection is None else projection.project(g))
     return torch.cat(out)
 
@@ -147,7 +123,7 @@ def out_to_loss(net, params: dict, x, y, batch_size: int = 1000) -> torch.Tensor
     the margin. Computed from the margin, because 1 - p rounds to exactly 0 in float32 once p > 1 - 6e-8."""
     from torch.func import functional_call
 
-    return torch.cat([torch.sigmoid(-_margin(functional_call(net, params, (xb,)), yb))
+    return torch.cat([torch.sigmoid(-measure.margin(functional_call(net, params, (xb,)), yb))
                       for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
 
 
@@ -246,7 +222,7 @@ def trak(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int =
             parts = []
             for xc, yc in zip(x.split(chunk), y.split(chunk)):
                 t1 = time.perf_counter()
-                g = per_example_grads(models.net, params, xc, yc, fn, batch_size)
+                g = G.per_example_grads(models.net, params, xc, yc, fn=fn, batch_size=batch_size)
                 t2 = time.perf_counter()
                 parts.append(proj.project(g))
                 tg += t2 - t1
