@@ -114,7 +114,7 @@ def _validate(s: Setting):
 
 PRESETS = {
     "smoke": Setting("smoke", n_train=500, n_targets=40, epochs=8, batch_size=32, gt_subsets=24, gt_models=2,
-                     dm_models=192, trak_models=2, trak_proj_dim=256),
+                     dm_models=64, trak_models=2, trak_proj_dim=256),
     "cpu": Setting("cpu"),
     "gpu": Setting("gpu", dataset="cifar2", arch="resnet9", epochs=24, batch_size=512, lr=0.4,
                    weight_decay=5e-4, schedule="triangle", gt_subsets=100, gt_models=4, ensemble_size=1,
