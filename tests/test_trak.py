@@ -172,6 +172,10 @@ def test_scores_are_in_the_course_convention(smoke, smoke_data):
     thr = res.scores(sparsity=0.8)
     assert ((thr == 0).float().mean(0) - 0.8).abs().max() < 0.02
     assert torch.equal(thr.sign()[thr != 0], s.sign()[thr != 0])
+    # the sweep over k computes gradients once and gives each k exactly what a run with that k alone gives
+    swept = T.trak_sweep(ms, x, y, x[:30], y[:30], proj_dims=[32, 128], chunk=150, progress=False)
+    assert torch.allclose(swept[128].kernel_scores, res.kernel_scores, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(swept[32].kernel_scores, res.kernel_scores, rtol=1e-2)
     with pytest.raises(ValueError, match="m must"):
         res.scores(m=2)
     with pytest.raises(ValueError, match="q mode"):

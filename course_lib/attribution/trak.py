@@ -206,35 +206,62 @@ def trak(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int =
 
     Model m gets its own projection (seed + m), shared by its training and target features. Returns a
     ``TrakResult``; ``.scores()`` gives the (n_train, n_targets) ensembled scores in the course convention.
+    ``kind='identity'`` skips the projection (k = p).
     """
+    swept = trak_sweep(models, x_train, y_train, x_targets, y_targets, [proj_dim], kind, seed, damping, fn,
+                       batch_size, chunk, progress)
+    return next(iter(swept.values()))
+
+
+def trak_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims=(2048,), kind: str = "rademacher",
+               seed: int = 0, damping: float = 1e-3, fn: str = "margin", batch_size: int = 256, chunk: int = 2048,
+               progress: bool = True) -> dict:
+    """``trak`` for several projection dimensions at once: {k: TrakResult}. The per-example gradients of each
+    model are computed once and projected to every k; each k's seconds count the gradients, its own projection
+    and its solve, i.e. what running ``trak`` with that k alone costs."""
+    p = sum(v[0].numel() for v in models.params.values())
     if kind == "identity":
-        proj_dim = sum(v[0].numel() for v in models.params.values())
-    ks, qs, secs, gsecs, psecs = [], [], [], [], []
-    for m in tqdm(range(len(models)), desc=f"TRAK k={proj_dim}", disable=not progress, leave=False):
+        proj_dims = [p]
+    proj_dims = [int(k) for k in proj_dims]
+    n = len(y_train)
+    x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
+    out = {k: {"ks": [], "qs": [], "secs": [], "gsecs": [], "psecs": []} for k in proj_dims}
+    for m in tqdm(range(len(models)), desc=f"TRAK k={proj_dims}", disable=not progress, leave=False):
         t0 = time.perf_counter()
         params = models.params_of(m)
-        p = sum(v.numel() for v in params.values())
         dtype = next(iter(params.values())).dtype
-        proj = RandomProjection(p, proj_dim, kind, seed=seed + m, dtype=dtype, device=x_train.device)
-        t_proj = time.perf_counter() - t0
-        feats, tg = [], 0.0
-        for x, y in ((x_train, y_train), (x_targets, y_targets)):
-            parts = []
-            for xc, yc in zip(x.split(chunk), y.split(chunk)):
+        q = out_to_loss(models.net, params, x_train, y_train)
+        t_q = time.perf_counter() - t0
+        projs = {}
+        t_proj = dict.fromkeys(proj_dims, 0.0)
+        for k in proj_dims:
+            t1 = time.perf_counter()
+            projs[k] = RandomProjection(p, k, kind, seed=seed + m, dtype=dtype, device=x_train.device)
+            t_proj[k] += time.perf_counter() - t1
+        feats, t_grad = {k: [] for k in proj_dims}, 0.0
+        for xc, yc in zip(x_all.split(chunk), y_all.split(chunk)):
+            t1 = time.perf_counter()
+            g = G.per_example_grads(models.net, params, xc, yc, fn=fn, batch_size=batch_size)
+            t_grad += time.perf_counter() - t1
+            for k in proj_dims:
                 t1 = time.perf_counter()
-                g = G.per_example_grads(models.net, params, xc, yc, fn=fn, batch_size=batch_size)
-                t2 = time.perf_counter()
-                parts.append(proj.project(g))
-                tg += t2 - t1
-                t_proj += time.perf_counter() - t2
-            feats.append(torch.cat(parts))
-        ks.append(kernel_solve(feats[0], feats[1], damping))
-        qs.append(out_to_loss(models.net, params, x_train, y_train))
-        secs.append(time.perf_counter() - t0)
-        gsecs.append(tg)
-        psecs.append(t_proj)
+                feats[k].append(projs[k].project(g))
+                t_proj[k] += time.perf_counter() - t1
+            del g
+        for k in proj_dims:
+            t1 = time.perf_counter()
+            phi = torch.cat(feats[k])
+            ks = kernel_solve(phi[:n], phi[n:], damping)
+            r = out[k]
+            r["ks"].append(ks)
+            r["qs"].append(q)
+            r["secs"].append(t_q + t_grad + t_proj[k] + time.perf_counter() - t1)
+            r["gsecs"].append(t_grad)
+            r["psecs"].append(t_proj[k])
+        del feats, projs
     t = lambda v: torch.tensor(v, dtype=torch.float64)
-    return TrakResult(torch.stack(ks), torch.stack(qs), t(secs), t(gsecs), t(psecs))
+    return {k: TrakResult(torch.stack(r["ks"]), torch.stack(r["qs"]), t(r["secs"]), t(r["gsecs"]), t(r["psecs"]))
+            for k, r in out.items()}
 
 
 def traker_scores(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int = 2048,
