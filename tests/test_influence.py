@@ -215,3 +215,18 @@ def test_identical_class_rate_and_similarities():
     net, params, x, y = _toy("mlp", dtype=torch.float32)
     sim = inf.representation_similarity(net, params, x, x[:3])
     assert sim.shape == (40, 3) and torch.allclose(sim[torch.arange(3), torch.arange(3)], torch.ones(3), atol=1e-5)
+
+
+def test_closed_form_logreg_hessian_and_fixed_hessian_newton():
+    net, p0, x, y, xt, yt = _logreg_problem(n=50, seed=2)
+    theta = inf.fit_convex(net, p0, x, y, 0.05)
+    H = inf.logreg_hessian(net, theta, x, y, 0.05)
+    assert torch.allclose(H, grads.hessian(net, theta, x, y, 0.05), atol=1e-10)
+    L = torch.linalg.cholesky(H)
+    w = torch.ones(len(y), dtype=torch.float64)
+    w[7] = 0
+    newton = inf.fit_newton(net, theta, x, y, 0.05, L, weights=w)
+    lbfgs = inf.fit_convex(net, theta, x, y, 0.05, weights=w)
+    for k in newton:
+        assert torch.allclose(newton[k], lbfgs[k], atol=1e-7)
+    assert not torch.allclose(newton["linear.weight"], theta["linear.weight"], atol=1e-4)  # it did move
