@@ -79,7 +79,8 @@ def test_lasso_matches_sklearn_at_fixed_penalty():
 def test_lasso_cross_validation_matches_sklearn():
     masks, y, _, _ = _planted(n=40, m=150, T=3, noise=1.0, seed=3)
     grid = np.geomspace(0.5, 0.005, 6)
-    fit = dm.fit_lasso(masks, y, penalties=grid, cv=3, seed=7, dtype=torch.float64, tol=1e-9, max_iter=20000)
+    fit = dm.fit_lasso(masks, y, penalties=grid, cv=3, seed=7, patience=None, dtype=torch.float64, tol=1e-9,
+                       max_iter=20000)
     folds = dm._folds(len(masks), 3, 7)
     splits = [(np.setdiff1d(np.arange(len(masks)), f.numpy()), f.numpy()) for f in folds]
     for t in range(3):
@@ -89,6 +90,11 @@ def test_lasso_cross_validation_matches_sklearn():
         assert np.allclose(fit.cv_error[t].numpy(), ref.mse_path_.mean(1), rtol=1e-4)
         assert float(fit.penalty[t]) == pytest.approx(ref.alpha_)
         assert np.abs(fit.weights[:, t].numpy() - ref.coef_).max() < 1e-5
+    # stopping each target's path early (after its validation error stops improving) keeps the same choice here
+    early = dm.fit_lasso(masks, y, penalties=grid, cv=3, seed=7, dtype=torch.float64, tol=1e-9, max_iter=20000)
+    assert torch.equal(early.penalty, fit.penalty)
+    reached = ~torch.isnan(early.cv_error)
+    assert torch.allclose(early.cv_error[reached], fit.cv_error[reached])
 
 
 def test_ridge_matches_sklearn_and_brute_force_leave_one_out():
