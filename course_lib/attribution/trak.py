@@ -127,13 +127,16 @@ def out_to_loss(net, params: dict, x, y, batch_size: int = 1000) -> torch.Tensor
                       for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
 
 
-def kernel_solve(phi_train: torch.Tensor, phi_targets: torch.Tensor, damping: float = 1e-3,
+def kernel_solve(phi_train: torch.Tensor, phi_targets: torch.Tensor, damping: float = 1.0,
                  relative: bool = True) -> torch.Tensor:
     """(n, T) ``Phi_train (Phi_train^T Phi_train + lambda I)^{-1} Phi_targets^T``, solved in float64.
 
     lambda = damping * trace(K) / k when ``relative`` (scale-free: a fraction of the mean eigenvalue of the
     kernel K = Phi^T Phi), else damping itself. lambda must be positive: the kernel is singular whenever k > n or
     the features are rank deficient (e.g. batch-summed gradients), and the damped system is always solvable.
+    The default 1.0 (lambda = the mean eigenvalue) is far from "tiny": on the cpu setting (n = 4,000) LDS is best
+    around 1-10 and several times lower at 1e-3, because the few large eigenvalues dominate the mean while the many
+    small ones amplify noise; chapter 06 shows the sweep. Large damping tends to gradient similarity (K -> lambda I).
     """
     if not damping > 0:
         raise ValueError(f"damping must be positive (got {damping}): the undamped kernel Phi^T Phi can be "
@@ -150,7 +153,7 @@ def kernel_solve(phi_train: torch.Tensor, phi_targets: torch.Tensor, damping: fl
     return (a @ torch.cholesky_solve(b.T, chol)).to(phi_train.dtype)
 
 
-def glm_influence(phi_train, phi_targets, q, damping: float = 1e-3, relative: bool = True) -> torch.Tensor:
+def glm_influence(phi_train, phi_targets, q, damping: float = 1.0, relative: bool = True) -> torch.Tensor:
     """(n, T) TRAK scores of one model: ``phi_t (Phi^T Phi + lambda I)^{-1} phi_i * Q_i``."""
     return kernel_solve(phi_train, phi_targets, damping, relative) * q[:, None].to(phi_train.dtype)
 
@@ -200,7 +203,7 @@ class TrakResult:
 
 
 def trak(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int = 2048, kind: str = "rademacher",
-         seed: int = 0, damping: float = 1e-3, fn: str = "margin", batch_size: int = 256, chunk: int = 2048,
+         seed: int = 0, damping: float = 1.0, fn: str = "margin", batch_size: int = 256, chunk: int = 2048,
          progress: bool = True) -> TrakResult:
     """TRAK over every model in ``models`` (trained on the whole pool: ``train.reference_models``).
 
@@ -214,7 +217,7 @@ def trak(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int =
 
 
 def trak_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims=(2048,), kind: str = "rademacher",
-               seed: int = 0, damping: float = 1e-3, fn: str = "margin", batch_size: int = 256, chunk: int = 2048,
+               seed: int = 0, damping: float = 1.0, fn: str = "margin", batch_size: int = 256, chunk: int = 2048,
                progress: bool = True) -> dict:
     """``trak`` for several projection dimensions at once: {k: TrakResult}. The per-example gradients of each
     model are computed once and projected to every k; each k's seconds count the gradients, its own projection
