@@ -226,6 +226,14 @@ def test_closed_form_logreg_hessian_and_fixed_hessian_newton():
     w = torch.ones(len(y), dtype=torch.float64)
     w[7] = 0
     newton = inf.fit_newton(net, theta, x, y, 0.05, L, weights=w)
+    U = inf.logreg_example_factor(net, theta, x[7], len(y))
+    w_all = torch.ones(len(y), dtype=torch.float64)
+    w_all[7] = 0
+    assert torch.allclose(H - U @ U.T, inf.logreg_hessian(net, theta, x, y, 0.05) - (
+        grads.hessian(net, theta, x[7:8], y[7:8]) / len(y)), atol=1e-10)
+    fast = inf.fit_newton(net, theta, x, y, 0.05, L, weights=w_all, downdate=U, max_iter=8)
+    for k in newton:
+        assert torch.allclose(fast[k], newton[k], atol=1e-8)
     lbfgs = inf.fit_convex(net, theta, x, y, 0.05, weights=w)
     for k in newton:
         assert torch.allclose(newton[k], lbfgs[k], atol=1e-7)

@@ -23,6 +23,7 @@ scores = -(1/n) G_train @ X.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -391,26 +392,60 @@ def logreg_hessian(net, params: dict, x, y, weight_decay: float = 0.0) -> torch.
     return H[order][:, order] + weight_decay * torch.eye(C * (d + 1), dtype=x.dtype, device=x.device)
 
 
-def fit_newton(net, params: dict, x, y, weight_decay: float, hessian_factor: torch.Tensor,
-               weights: torch.Tensor | None = None, tol: float = 1e-10, max_iter: int = 100) -> dict:
-    """Minimise the same objective as ``fit_convex`` by Newton steps with a FIXED Hessian, from ``params``.
+def logreg_example_factor(net, params: dict, x_i: torch.Tensor, n: int) -> torch.Tensor:
+    """U (p, C) with U U^T = (1/n) x (the Hessian of example i's loss) for ``models.LogisticRegression``: the term that
+    leaving example i out removes from ``logreg_hessian`` (same parameter order)."""
+    W, b = params["linear.weight"], params["linear.bias"]
+    xa = torch.cat([x_i.flatten(), torch.ones(1, dtype=W.dtype, device=W.device)])
+    prob = torch.softmax(W @ xa[:-1] + b, 0)
+    A = torch.diag(prob) - torch.outer(prob, prob)
+    ev, Q = torch.linalg.eigh(A)
+    S = Q @ torch.diag(ev.clamp_min(0).sqrt()) @ Q.T  # A^{1/2}
+    C, d = W.shape
+    U = torch.zeros(C, d + 1, C, dtype=W.dtype, device=W.device)  # [class, feature, column]
+    U[:, :, :] = S[:, None, :] * xa[None, :, None]
+    U = torch.cat([U[:, :d].reshape(C * d, C), U[:, d]], 0)  # weight rows then bias, as grads.flatten
+    return U / math.sqrt(n)
 
-    hessian_factor: a Cholesky factor (``torch.linalg.cholesky``) of the Hessian at (or near) the solution. For a
-    leave-one-out retrain started at the full-data solution the fixed Hessian differs from the true one by O(1/n), so
-    the iteration converges fast (its first step is the influence-function estimate itself); it stops when every
-    gradient entry is below ``tol`` and raises if it does not get there in ``max_iter`` steps.
+
+def fit_newton(net, params: dict, x, y, weight_decay: float, hessian_factor: torch.Tensor,
+               weights: torch.Tensor | None = None, downdate: torch.Tensor | None = None, tol: float = 1e-10,
+               max_iter: int = 100, strict: bool = True) -> dict:
+    """Minimise the same objective as ``fit_convex`` by Newton steps with a FIXED Hessian M, from ``params``.
+
+    M = L L^T - U U^T with L = ``hessian_factor`` (a Cholesky factor of the Hessian near the solution) and U =
+    ``downdate`` (p, r) an optional low-rank term removed by the Woodbury identity: for a leave-one-out retrain,
+    U = ``logreg_example_factor`` of the removed example makes M the leave-one-out Hessian at the full-data solution,
+    so the iteration converges fast. Stops when every gradient entry is below ``tol``; raises if it does not get
+    there in ``max_iter`` steps (unless not strict: then it returns where it got to).
     """
+    from torch.func import grad as fgrad
+
     from ..measure import loss
 
     n = len(y)
     w = torch.ones(n, dtype=x.dtype) if weights is None else weights.to(x.dtype)
-    theta = grads.flatten({k: v.detach() for k, v in params.items()}).clone()
+    like = {k: v.detach() for k, v in params.items()}
+
+    def objective(flat):
+        p = grads.unflatten(flat, like)
+        return (w * loss(functional_call(net, p, (x,)), y)).sum() / n + 0.5 * weight_decay * (flat ** 2).sum()
+
+    solve = lambda r: torch.cholesky_solve(r, hessian_factor)
+    if downdate is not None:
+        HU = solve(downdate)  # (p, r)
+        small = torch.linalg.inv(torch.eye(downdate.shape[1], dtype=x.dtype) - downdate.T @ HU)
+        base = solve
+        solve = lambda r: base(r) + HU @ (small @ (HU.T @ r))  # Woodbury: (LL^T - UU^T)^{-1} r
+    g_fn = fgrad(objective)
+    theta = grads.flatten(like).clone()
+    gmax = float("inf")
     for _ in range(max_iter):
-        p = {k: v.requires_grad_() for k, v in grads.unflatten(theta.clone(), params).items()}
-        obj = (w * loss(functional_call(net, p, (x,)), y)).sum() / n
-        obj = obj + 0.5 * weight_decay * sum((t ** 2).sum() for t in p.values())
-        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(obj, list(p.values()))])
-        if g.abs().max() < tol:
-            return {k: v.detach() for k, v in grads.unflatten(theta, params).items()}
-        theta = theta - torch.cholesky_solve(g[:, None], hessian_factor)[:, 0]
-    raise RuntimeError(f"fit_newton did not reach gradient {tol} in {max_iter} steps (last {float(g.abs().max()):.2e})")
+        g = g_fn(theta)
+        gmax = float(g.abs().max())
+        if gmax < tol:
+            return grads.unflatten(theta, like)
+        theta = theta - solve(g[:, None])[:, 0]
+    if not strict:
+        return grads.unflatten(theta, like)
+    raise RuntimeError(f"fit_newton did not reach gradient {tol} in {max_iter} steps (last {gmax:.2e})")
