@@ -217,13 +217,16 @@ def _soft(x, thr):
 
 def _fista(q: _Quadratic, lam: torch.Tensor, W0: torch.Tensor, max_iter: int, tol: float, cols=None):
     """min_W 1/(2m)||Yc - Xc W||^2 + sum_t lam[t] ||W[:, t]||_1 by FISTA with per-target adaptive restart,
-    for the targets ``cols`` (default: all). Returns W (n, len(cols)) and the iterations used."""
+    for the targets ``cols`` (default: all). A target that has converged leaves the batch, so the products
+    shrink as targets finish. Returns W (n, len(cols)) and the iterations used."""
     c = q.c if cols is None else q.c[:, cols]
     step = 1.0 / q.lipschitz
+    out = W0.clone()
+    live = torch.arange(out.shape[1], device=out.device)  # targets still iterating
     thr = lam * step
-    W = W0.clone()
-    Z = W.clone()
+    W, Z = out.clone(), out.clone()
     t = torch.ones(W.shape[1], dtype=W.dtype, device=W.device)
+    it = 0
     for it in range(1, max_iter + 1):
         W_new = _soft(Z - step * (q.matvec(Z) - c), thr)
         t_new = (1 + torch.sqrt(1 + 4 * t * t)) / 2
@@ -235,10 +238,15 @@ def _fista(q: _Quadratic, lam: torch.Tensor, W0: torch.Tensor, max_iter: int, to
         Z = W_new + beta * D
         W = W_new
         if it % 10 == 0:
-            change = D.abs().amax(0) / W.abs().amax(0).clamp(min=1e-12)
-            if bool((change < tol).all()):
-                break
-    return W, it
+            done = D.abs().amax(0) <= tol * W.abs().amax(0).clamp(min=1e-12)
+            if bool(done.any()):
+                out[:, live[done]] = W[:, done]
+                keep = ~done
+                live, W, Z, t, c, thr = live[keep], W[:, keep], Z[:, keep], t[keep], c[:, keep], thr[keep]
+                if len(live) == 0:
+                    break
+    out[:, live] = W
+    return out, it
 
 
 def _lasso_grid(q: _Quadratic, n_penalties: int, eps: float) -> torch.Tensor:
