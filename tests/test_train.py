@@ -102,7 +102,7 @@ def test_bad_masks_fail_clearly(smoke, smoke_data):
 
 @pytest.mark.parametrize("arch", ["logreg", "mlp", "cnn"])
 def test_every_mnist_architecture_trains_in_an_ensemble(arch, smoke, smoke_data):
-    cfg = smoke.replace(arch=arch, epochs=1)
+    cfg = smoke.replace(arch=arch, epochs=3)
     m = train.train_models(cfg, smoke_data, train.full_mask(smoke_data, 2), [0, 1])
     assert m.accuracy(smoke_data.x_test, smoke_data.y_test).min() > 0.5
 
