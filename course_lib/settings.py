@@ -45,7 +45,7 @@ class Setting:
     device: str = "auto"
     seed: int = 0
     # chapter budgets
-    dm_models: int = 288  # 03: datamodel training models (fresh subsets, never the LDS ones); 9 chunks of 32
+    dm_models: int = 1600  # 03: datamodel training models (fresh subsets, never the LDS ones); 50 chunks of 32
     trak_models: int = 20  # 06: independently trained models to ensemble over
     trak_proj_dim: int = 2048  # 06: random projection dimension
 
