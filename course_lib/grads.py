@@ -62,27 +62,25 @@ def objective(net, params: dict, x, y, weight_decay: float = 0.0, batch_size: in
 
 def hvp(net, params: dict, x, y, v: torch.Tensor, weight_decay: float = 0.0, batch_size: int = 1000):
     """Hessian of ``objective`` times a flat vector v (p,), by forward-over-reverse (jvp of grad)."""
-    params = {k: p.detach() for k, p in params.items()}
-    tangent = unflatten(v, params)
-    out = torch.zeros_like(v)
-    for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        f = lambda p: objective(net, p, xb, yb) * len(yb) / len(y)
-        out += flatten(jvp(grad(f), (params,), (tangent,))[1])
-    return out + weight_decay * v
+    return hvps(net, params, x, y, v[:, None], weight_decay, batch_size)[:, 0]
 
 
 def hessian(net, params: dict, x, y, weight_decay: float = 0.0) -> torch.Tensor:
-    """The explicit (p, p) Hessian of ``objective``, for models small enough (columns are HVPs)."""
-    p = sum(t.numel() for t in params.values())
-    eye = torch.eye(p, dtype=next(iter(params.values())).dtype)
-    return torch.stack([hvp(net, params, x, y, eye[i], weight_decay) for i in range(p)], 1)
+    """The explicit (p, p) Hessian of ``objective``, for models small enough.
+
+    Computed by reverse-over-reverse differentiation (``torch.func.hessian``), independently of the
+    forward-over-reverse products of ``hvp``/``hvps``, so each can check the other.
+    """
+    params = {k: p.detach() for k, p in params.items()}
+    flat = flatten(params)
+    return torch.func.hessian(lambda w: objective(net, unflatten(w, params), x, y, weight_decay))(flat)
 
 
 def hvps(net, params: dict, x, y, V: torch.Tensor, weight_decay: float = 0.0, batch_size: int = 1000,
          chunk: int = 64) -> torch.Tensor:
     """Hessian of ``objective`` times many vectors at once: V (p, T) -> (p, T).
 
-    The same forward-over-reverse product as ``hvp``, vmapped over the columns of V (``chunk`` columns at a time,
+    Forward-over-reverse products (jvp of grad), vmapped over the columns of V (``chunk`` columns at a time,
     which bounds the memory: activations are held for ``chunk`` tangents of a ``batch_size`` batch).
     """
     params = {k: p.detach() for k, p in params.items()}
