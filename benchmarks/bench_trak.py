@@ -34,7 +34,7 @@ def throughput(cfg, data, models, n, k):
         return
     # traker's damping in its units: its features are ours * sqrt(k / p) (no 1/sqrt(k) in P, then / sqrt(p))
     p = sum(v[0].numel() for v in one.params.values())
-    feats = T.featurize(one.net, one.params_of(0), x, y, T.RandomProjection(p, k, "gaussian", seed=0))
+    feats = T.featurize(one.net, one.state_of(0), x, y, T.RandomProjection(p, k, "gaussian", seed=0))
     lam = 1.0 * float((feats.double() ** 2).sum()) / p
     theirs, t_theirs = T.traker_scores(one, x, y, xt, yt, proj_dim=k, projection="traker", lambda_reg=lam)
     print(f"  traker 0.3.2 CPU path:              {(n + len(yt)) / t_theirs:7.1f} images/s ({t_theirs:.1f} s)")

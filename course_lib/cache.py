@@ -29,11 +29,26 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_or_compute(path, compute):
-    """Load ``path`` if it exists, else ``compute()``, save the result atomically, and return it."""
+def load_or_compute(path, compute, spec: dict):
+    """Load ``path`` if it exists, else ``compute()``, save the result atomically, and return it.
+
+    The result must hold only tensors and plain containers (it is loaded with ``weights_only=True``). ``spec``
+    (JSON-able: everything that shaped the result) is stored beside it; a file whose spec differs is foreign
+    content and raises ValueError rather than being returned.
+    """
     path = Path(path)
+    spec = json.loads(json.dumps(spec, sort_keys=True, default=str))
     if path.exists():
-        return torch.load(path, weights_only=False)
-    obj = compute()
-    atomic_save(obj, path)
-    return obj
+        try:
+            stored = torch.load(path, weights_only=True)
+        except Exception as e:  # e.g. pickled objects from an older format
+            raise ValueError(f"{path} cannot be read as a cached result ({type(e).__name__}): foreign content or an "
+                             "older format. Delete it to recompute.") from e
+        found = stored.get("spec") if isinstance(stored, dict) else None
+        if found != spec:
+            raise ValueError(f"{path} holds a result computed for {found}, not for {spec}: foreign content. "
+                             "Delete it to recompute.")
+        return stored["value"]
+    value = compute()
+    atomic_save({"spec": spec, "value": value}, path)
+    return value

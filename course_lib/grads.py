@@ -1,8 +1,12 @@
 """Per-example gradients, Hessian-vector products and flattening helpers (torch.func).
 
-Everything differentiates the parameters that the forward pass actually uses: ``functional_call(net, params, x)``
-with ``params`` a dict of tensors, never a detached copy. The training objective is the one SGD minimises:
-mean cross-entropy over the training set plus (weight_decay / 2) * ||theta||^2.
+Everything differentiates the parameters that the forward pass actually uses: ``functional_call(net, state, x)``
+with ``state`` a dict of tensors, never a detached copy. ``state`` is a model's full state (``Models.state_of``):
+its parameters, which are differentiated, and its buffers (batch-norm running statistics), which are held fixed;
+the module is put in eval mode, so batch norm uses the trained statistics, as the model does at test time.
+Gradients, Hessians and flat vectors cover the parameters only, in the order of ``net.named_parameters()``.
+The training objective is the one SGD minimises: mean cross-entropy over the training set plus
+(weight_decay / 2) * ||theta||^2.
 """
 from __future__ import annotations
 
@@ -28,6 +32,17 @@ def unflatten(vec: torch.Tensor, like: dict) -> dict:
     return out
 
 
+def split_state(net, state: dict) -> tuple[dict, dict]:
+    """(parameters, buffers) of a full state: the entries named like ``net``'s parameters, in that order, and the
+    rest. Puts ``net`` in eval mode (attribution evaluates the trained model as it is used at test time)."""
+    net.eval()
+    names = [k for k, _ in net.named_parameters() if k in state]
+    if not names:
+        raise ValueError(f"the state holds none of the module's parameters (got keys {list(state)[:5]}...)")
+    params = {k: state[k] for k in names}
+    return params, {k: v for k, v in state.items() if k not in params}
+
+
 def _example_fn(net, fn: str):
     f = measure.get(fn)
 
@@ -40,24 +55,40 @@ def per_example_grads(net, params: dict, x, y, fn: str = "loss", batch_size: int
                       names=None) -> torch.Tensor:
     """(n, p) gradients of ``fn`` ('loss' or 'margin') of each example with respect to the parameters.
 
-    names: restrict to these parameter names (the others are held fixed); default: all, in the dict's order.
+    params: the model's full state (``Models.state_of``; buffers are held fixed). names: restrict to these
+    parameter names (the others are held fixed); default: all parameters, in the module's order.
+    Raises FloatingPointError if a gradient is not finite.
     """
-    names = list(params) if names is None else list(names)
+    theta, buffers = split_state(net, params)
+    state = {k: v.detach() for k, v in {**theta, **buffers}.items()}
+    names = list(theta) if names is None else list(names)
     one = _example_fn(net, fn)
 
     def g(sub, x1, y1):
-        return flatten(grad(lambda p: one({**params, **p}, x1, y1))(sub))
+        return flatten(grad(lambda p: one({**state, **p}, x1, y1))(sub))
 
     batched = vmap(g, in_dims=(None, 0, 0))
-    sub = {k: params[k].detach() for k in names}
-    return torch.cat([batched(sub, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    sub = {k: state[k] for k in names}
+    out = torch.cat([batched(sub, xb, yb) for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+    return check_finite(out, f"per-example gradients of the {fn}")
+
+
+def check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Return t, or raise FloatingPointError saying how many entries of ``what`` are NaN or infinite."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        raise FloatingPointError(f"{what}: {int(bad.sum())} of {t.numel()} entries are NaN or infinite")
+    return t
 
 
 def objective(net, params: dict, x, y, weight_decay: float = 0.0, batch_size: int = 1000):
-    """Mean cross-entropy over (x, y) plus (weight_decay / 2) ||params||^2."""
+    """Mean cross-entropy over (x, y) plus (weight_decay / 2) ||theta||^2 (parameters only, not buffers).
+
+    params: a full state or the parameters alone."""
+    theta, _ = split_state(net, params)
     total = sum(measure.loss(functional_call(net, params, (xb,)), yb).sum()
                 for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    return total / len(y) + 0.5 * weight_decay * sum((p ** 2).sum() for p in params.values())
+    return total / len(y) + 0.5 * weight_decay * sum((p ** 2).sum() for p in theta.values())
 
 
 def hvp(net, params: dict, x, y, v: torch.Tensor, weight_decay: float = 0.0, batch_size: int = 1000):
@@ -71,9 +102,10 @@ def hessian(net, params: dict, x, y, weight_decay: float = 0.0) -> torch.Tensor:
     Computed by reverse-over-reverse differentiation (``torch.func.hessian``), independently of the
     forward-over-reverse products of ``hvp``/``hvps``, so each can check the other.
     """
-    params = {k: p.detach() for k, p in params.items()}
-    flat = flatten(params)
-    return torch.func.hessian(lambda w: objective(net, unflatten(w, params), x, y, weight_decay))(flat)
+    theta, buffers = split_state(net, params)
+    theta = {k: p.detach() for k, p in theta.items()}
+    flat = flatten(theta)
+    return torch.func.hessian(lambda w: objective(net, {**unflatten(w, theta), **buffers}, x, y, weight_decay))(flat)
 
 
 def hvps(net, params: dict, x, y, V: torch.Tensor, weight_decay: float = 0.0, batch_size: int = 1000,
@@ -83,13 +115,14 @@ def hvps(net, params: dict, x, y, V: torch.Tensor, weight_decay: float = 0.0, ba
     Forward-over-reverse products (jvp of grad), vmapped over the columns of V (``chunk`` columns at a time,
     which bounds the memory: activations are held for ``chunk`` tangents of a ``batch_size`` batch).
     """
-    params = {k: p.detach() for k, p in params.items()}
+    theta, buffers = split_state(net, params)
+    theta = {k: p.detach() for k, p in theta.items()}
     if V.ndim != 2:
         raise ValueError(f"V must have shape (p, T), got {tuple(V.shape)}")
     out = torch.zeros_like(V)
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        g = grad(lambda p: objective(net, p, xb, yb) * len(yb) / len(y))
-        one = lambda t: flatten(jvp(g, (params,), (unflatten(t, params),))[1])
+        g = grad(lambda p: objective(net, {**p, **buffers}, xb, yb) * len(yb) / len(y))
+        one = lambda t: flatten(jvp(g, (theta,), (unflatten(t, theta),))[1])
         for s in range(0, V.shape[1], chunk):
             out[:, s:s + chunk] += vmap(one, in_dims=1, out_dims=1)(V[:, s:s + chunk])
     return out + weight_decay * V

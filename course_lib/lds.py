@@ -1,48 +1,33 @@
-"""The Linear Datamodeling Score: subsets, the ground-truth builder and its cache, and the score itself.
+"""The Linear Datamodeling Score: the ground truth and its cache, the tuning/evaluation split, and the score.
 
 Ground truth ("train once, evaluate every method"): draw m random subsets S_j of the training pool of size
 alpha * n, train k models (seeds) on each, and record every model's margin on the whole test split. The result is
 cached on disk under a hash of everything that affects it, written atomically, and resumable: models are trained in
-chunks and every finished chunk is kept, so an interrupted build continues where it stopped.
+chunks by ``retrain.train_outputs`` and every finished chunk is kept, so an interrupted build continues where it
+stopped. A model whose outputs are not finite stops the build with an error; nothing non-finite is stored.
 
 LDS of a score matrix tau (n_train, T): for each target t, the Spearman correlation over the m subsets between the
 prediction sum_{i in S_j} tau[i, t] and the recorded output (averaged over the k models); reported as the mean over
 targets with a bootstrap confidence interval over targets.
+
+Honest tuning: the targets are split into a tuning part (even positions) and an evaluation part (odd positions);
+the targets come sorted by class with the same number per class, so both parts are class-balanced. Choose any
+hyperparameter by LDS on ``part="tune"``; report LDS on ``part="eval"``.
 """
 from __future__ import annotations
 
-import time
-import zlib
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
-from tqdm.auto import tqdm
 
-from . import train
 from .cache import atomic_save, cache_dir, cache_key
 from .data import Data
+from .retrain import model_seeds, subset_masks, train_outputs  # noqa: F401  (subset_masks: part of lds's API)
 from .settings import Setting
 
 FORMAT_VERSION = 1
-
-
-def subset_masks(n: int, m: int, alpha: float, seed: int, stream: str = "lds") -> torch.Tensor:
-    """(m, n) bool masks, each with exactly round(alpha * n) True entries, drawn uniformly at random.
-
-    ``stream`` names an independent random stream: the LDS evaluation subsets use "lds", a method that trains on
-    subsets of its own (datamodels) uses another name, so the two never share draws.
-    """
-    size = round(alpha * n)
-    if not 0 < size < n:
-        raise ValueError(f"alpha={alpha} gives subsets of size {size} out of {n}; need 0 < size < n")
-    g = torch.Generator().manual_seed(zlib.crc32(f"{stream}:{seed}".encode()))
-    masks = torch.zeros(m, n, dtype=torch.bool)
-    for j in range(m):
-        masks[j, torch.randperm(n, generator=g)[:size]] = True
-    return masks
 
 
 @dataclass
@@ -79,53 +64,23 @@ def ground_truth_spec(cfg: Setting) -> dict:
             "k": cfg.gt_models, "seed": cfg.gt_seed}
 
 
-def model_seeds(m: int, k: int, seed: int, stream: str = "lds") -> torch.Tensor:
-    """(m, k) training seeds: distinct per subset and replicate, and per stream."""
-    base = zlib.crc32(f"{stream}-models:{seed}".encode()) % (2 ** 30)
-    return base + torch.arange(m * k).view(m, k)
-
-
-def train_outputs(cfg: Setting, data: Data, masks: torch.Tensor, seeds: torch.Tensor, folder: Path,
-                  desc: str, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Train a model for every (mask, seed) pair and record its test-split margins, resumably.
-
-    masks (M, n_train), seeds (M,). Models are trained in chunks of ``cfg.ensemble_size``; chunk c is saved to
-    ``folder/part_c.pt`` as soon as it finishes and is never trained again. Returns outputs (M, n_test),
-    accuracy (M,), and the training seconds spent on all chunks (this run and earlier ones).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    chunk = cfg.ensemble_size
-    starts = list(range(0, len(masks), chunk))
-    parts = []
-    bar = tqdm(starts, desc=desc, unit="chunk", disable=not progress)
-    for c, s in enumerate(bar):
-        path = folder / f"part_{c:05d}.pt"
-        if path.exists():
-            parts.append(torch.load(path))
-            continue
-        t0 = time.perf_counter()
-        models = train.train_models(cfg, data, masks[s:s + chunk], seeds[s:s + chunk])
-        part = {"outputs": models.outputs(data.x_test.to(cfg.torch_device), data.y_test).cpu(),
-                "accuracy": models.accuracy(data.x_test.to(cfg.torch_device), data.y_test).cpu(),
-                "seconds": time.perf_counter() - t0}
-        atomic_save(part, path)
-        parts.append(part)
-    return (torch.cat([p["outputs"] for p in parts]), torch.cat([p["accuracy"] for p in parts]),
-            sum(p["seconds"] for p in parts))
-
-
 def build_ground_truth(cfg: Setting, data: Data, cache=None, progress: bool = True) -> GroundTruth:
     """Load the setting's ground truth from the cache, or build it (resuming any interrupted build)."""
     spec = ground_truth_spec(cfg)
     folder = cache_dir(cache) / f"gt_{cfg.recipe()['dataset']}_{cache_key(spec)}"
     final = folder / "ground_truth.pt"
     if final.exists():
-        return GroundTruth(**torch.load(final))
+        stored = torch.load(final, weights_only=True)
+        if stored.get("spec") != spec:
+            raise ValueError(f"{final} was built for {stored.get('spec')}, not for this setting's {spec}: the "
+                             f"folder has foreign content. Delete {folder} (or run `make clean-cache`).")
+        return GroundTruth(**stored)
     m, k = cfg.gt_subsets, cfg.gt_models
     masks = subset_masks(data.n_train, m, cfg.alpha, cfg.gt_seed)
     seeds = model_seeds(m, k, cfg.gt_seed)
     outputs, acc, seconds = train_outputs(cfg, data, masks.repeat_interleave(k, 0), seeds.flatten(), folder,
-                                          f"ground truth: {m * k} models", progress)
+                                          f"ground truth: {m * k} models", progress,
+                                          name=lambda i: f"ground-truth subset {i // k}, replicate {i % k}")
     gt = GroundTruth(masks, outputs.view(m, k, -1), acc.view(m, k), data.target_idx.clone(), spec, seconds)
     atomic_save(asdict(gt), final)
     for p in folder.glob("part_*.pt"):
@@ -174,11 +129,33 @@ def predictions(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return masks.to(torch.float64) @ scores.to(torch.float64).cpu()
 
 
-def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0) -> Score:
+PARTS = ("tune", "eval")
+
+
+def target_part(n_targets: int, part: str | None) -> torch.Tensor:
+    """Column positions of one part of ``n_targets`` targets: "tune" = even positions, "eval" = odd positions,
+    None = all. Raises ValueError for any other part."""
+    if part is None:
+        return torch.arange(n_targets)
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; valid: {', '.join(PARTS)} (or None for all targets)")
+    return torch.arange(PARTS.index(part), n_targets, 2)
+
+
+def _check_outputs(outputs: torch.Tensor):
+    bad = ~torch.isfinite(outputs)
+    if bad.any():
+        raise ValueError(f"the ground truth holds {int(bad.sum())} non-finite outputs: a diverged model would "
+                         "turn the LDS into a confident wrong number; rebuild it")
+
+
+def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0, part: str | None = None) -> Score:
     """LDS of ``scores`` (n_train, T) against the ground truth, with a 95% bootstrap interval over targets.
 
     targets: indices into the test split for the T columns (default: the ground truth's targets).
     models: which of the k replicate models to average (default: all).
+    part: "tune" or "eval" scores only that part of the T columns (``target_part``); None: all of them.
+    Raises ValueError on a wrong shape, non-finite scores or non-finite ground-truth outputs.
     """
     scores = torch.as_tensor(scores)
     targets = gt.target_idx if targets is None else torch.as_tensor(targets)
@@ -188,11 +165,14 @@ def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0) -> Sc
                          f"got {tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinite values")
-    rho = spearman_columns(predictions(scores, gt.masks), gt.target_outputs(targets, models))
+    cols = target_part(len(targets), part)
+    actual = gt.target_outputs(targets[cols], models)
+    _check_outputs(actual)
+    rho = spearman_columns(predictions(scores[:, cols], gt.masks), actual)
     return bootstrap(rho, seed=seed)
 
 
-def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0) -> dict:
+def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None = None) -> dict:
     """How much of the ground truth any attribution could predict, given seed noise.
 
     ``one_vs_one``: mean per-target Spearman correlation, over the subsets, between two models trained with
@@ -200,9 +180,11 @@ def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0) -> dict:
     ``ceiling_1`` and ``ceiling_k``: the correlation that the best possible predictor (the seed-averaged output
     E[f(S)]) would reach against one model's outputs, and against the k-model average that LDS uses:
     sqrt(r) and sqrt(k r / (1 + (k - 1) r)) (Spearman-Brown, treating seed noise as independent across models).
-    Each is a Score (mean over targets with a bootstrap interval).
+    Each is a Score (mean over targets with a bootstrap interval). part: as in ``lds``.
     """
     targets = gt.target_idx if targets is None else torch.as_tensor(targets)
+    targets = targets[target_part(len(targets), part)]
+    _check_outputs(gt.outputs[:, :, targets])
     out = gt.outputs[:, :, targets].numpy()
     k = gt.k
     if k < 2:

@@ -1,12 +1,17 @@
 """Named settings: everything a chapter needs to size its work, in one frozen dataclass.
 
 ``get("cpu", epochs=5)`` returns the ``cpu`` preset with an override; a wrong name or value fails at once with a
-message that lists what is valid. ``smoke`` is for tests (every chapter in about a minute), ``cpu`` is the default
+message that lists what is valid. Overrides may also come as one mapping or as a JSON string, the form in which
+papermill's ``-p overrides '{"epochs": 5}'`` delivers them: ``get("cpu", '{"epochs": 5}')``. ``literal`` does the
+same for any other notebook parameter. ``smoke`` is for tests (every chapter in about a minute), ``cpu`` is the default
 (mnist5k and the small CNN on a laptop), ``gpu`` is ResNet-9 on CIFAR-2 as in the TRAK benchmark.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -89,6 +94,8 @@ def _validate(s: Setting):
             fail(f.name, "must be an integer")
         if kind == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
             fail(f.name, "must be a number")
+        if kind in ("int", "float") and not math.isfinite(v):
+            fail(f.name, "must be a finite number (not NaN or infinity)")
         if kind == "str" and not isinstance(v, str):
             fail(f.name, "must be a string")
     choices = {"dataset": DATASETS, "arch": ARCHITECTURES, "schedule": SCHEDULES}
@@ -104,8 +111,12 @@ def _validate(s: Setting):
         fail("n_train", "must be at least 10 (or None for the whole pool)")
     if not 0 < s.alpha < 1:
         fail("alpha", "must lie strictly between 0 and 1")
-    if s.lr <= 0 or s.weight_decay < 0 or not 0 <= s.momentum < 1:
-        fail("lr", "need lr > 0, weight_decay >= 0 and 0 <= momentum < 1")
+    if not s.lr > 0:
+        fail("lr", "must be positive")
+    if not s.weight_decay >= 0:
+        fail("weight_decay", "must be 0 or more")
+    if not 0 <= s.momentum < 1:
+        fail("momentum", "must lie in [0, 1)")
     if s.depth < 0:
         fail("depth", "must be 0 or more")
     if not (s.device in ("auto", "cpu") or s.device.startswith("cuda")):
@@ -122,8 +133,42 @@ PRESETS = {
 }
 
 
-def get(name: str = "cpu", **overrides) -> Setting:
-    """The preset called ``name`` with ``overrides`` applied; raises ValueError on anything invalid."""
+def get(name: str = "cpu", overrides=None, **kw) -> Setting:
+    """The preset called ``name`` with overrides applied; raises ValueError on anything invalid.
+
+    overrides: a mapping of Setting fields, or the same as a JSON (or Python literal) string, as papermill's
+    ``-p overrides '{"gt_models": 8}'`` passes it; keyword arguments are overrides too (they win).
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown setting {name!r}; valid settings: {', '.join(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+    merged = {**literal(overrides or {}, "overrides", dict), **kw}
+    return PRESETS[name].replace(**merged)
+
+
+def literal(value, name: str, kind: type):
+    """A notebook parameter checked against the type it must have, parsing it first when it arrives as a string.
+
+    papermill's ``-p`` passes numbers as numbers but lists and dicts as strings: a string is parsed as JSON, else
+    as a Python literal (``ast.literal_eval``), unless ``kind`` is ``str``. ``kind=float`` accepts integers;
+    numbers must be finite. Raises ValueError naming the parameter, what arrived and what is valid.
+    """
+    if isinstance(value, str) and kind is not str:
+        text = value
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"parameter {name}={text!r} is not a valid {kind.__name__}: write it as JSON, "
+                                 f"e.g. {name}={_EXAMPLES.get(kind, 'a literal')}") from None
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or (kind in (int, float) and isinstance(value, bool)):
+        raise ValueError(f"parameter {name} must be a {kind.__name__} (e.g. {_EXAMPLES.get(kind, '...')}), got "
+                         f"{value!r} of type {type(value).__name__}")
+    if kind in (int, float) and not math.isfinite(value):
+        raise ValueError(f"parameter {name}={value!r} must be a finite number (not NaN or infinity)")
+    return value
+
+
+_EXAMPLES = {dict: '\'{"epochs": 5}\'', list: "'[0.01, 0.1]'", float: "0.1", int: "3"}

@@ -79,14 +79,21 @@ class Models:
         return len(self.seeds)
 
     def params_of(self, i: int) -> dict:
+        """Model i's trainable parameters only (for training; attribute through ``state_of``)."""
         return {k: v[i] for k, v in self.params.items()}
+
+    def state_of(self, i: int) -> dict:
+        """Model i's full state, parameters AND buffers (batch-norm running statistics), as one dict for
+        ``functional_call(self.net, state, x)`` with ``self.net`` in eval mode. Every attribution path evaluates a
+        model through this: the parameters alone would leave batch norm with the skeleton's initial statistics."""
+        return {**self.params_of(i), **{k: v[i] for k, v in self.buffers.items()}}
 
     def module(self, i: int) -> torch.nn.Module:
         """Model i as an ordinary module (a copy), in eval mode."""
         import copy
 
         m = copy.deepcopy(self.net)
-        m.load_state_dict({**self.params_of(i), **{k: v[i] for k, v in self.buffers.items()}})
+        m.load_state_dict(self.state_of(i))
         return m.eval()
 
     @torch.no_grad()
@@ -250,6 +257,17 @@ def reference_models(cfg: Setting, data: Data, n: int = 1, checkpoints: int = 0,
         trained = train_models(cfg, data, full_mask(data, len(missing)), seeds[missing], checkpoints=checkpoints,
                                progress=progress)
         for j, i in enumerate(missing):
-            atomic_save(trained.select([j]).state(), paths[i])
+            one = trained.select([j])
+            bad = [k for k, v in one.params.items() if not torch.isfinite(v).all()]
+            if bad:
+                raise FloatingPointError(f"reference model {i} (seed {int(seeds[i])}) diverged: non-finite "
+                                         f"parameters {bad[:3]} under the recipe {cfg.recipe()}; not stored")
+            atomic_save(one.state(), paths[i])
     net = build_model(cfg, data).to(cfg.torch_device).eval()
-    return Models.concat([Models.from_state(net, torch.load(p, weights_only=False)) for p in paths])
+    states = [torch.load(p, weights_only=True, map_location=cfg.torch_device) for p in paths]
+    for i, (p, st) in enumerate(zip(paths, states)):
+        if int(st["seeds"][0]) != int(seeds[i]) or st["masks"].shape != (1, data.n_train) or not st["masks"].all():
+            raise ValueError(f"{p} holds another model than reference model {i} of stream {stream!r} (seed "
+                             f"{int(seeds[i])}, trained on all {data.n_train} examples): foreign content. "
+                             f"Delete {folder} (or run `make clean-cache`).")
+    return Models.concat([Models.from_state(net, st) for st in states])

@@ -153,10 +153,13 @@ def test_training_data_is_cached_and_resumes(smoke, smoke_data, tmp_path, monkey
     calls = []
     real = train.train_models
     monkeypatch.setattr(train, "train_models", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    again = dm.training_data(cfg, smoke_data, m=8, cache=tmp_path, progress=False)  # 8 = the 2 chunks trained
-    assert calls == [] and torch.equal(again.outputs[:6], td.outputs)
-    more = dm.training_data(cfg, smoke_data, m=10, cache=tmp_path, progress=False)  # one new chunk only
-    assert calls == [4] and torch.equal(more.outputs[:8], again.outputs)
+    fewer = dm.training_data(cfg, smoke_data, m=5, cache=tmp_path, progress=False)  # a prefix: nothing trained
+    assert calls == [] and torch.equal(fewer.outputs, td.outputs[:5])
+    again = dm.training_data(cfg, smoke_data, m=8, cache=tmp_path, progress=False)  # only models 6 and 7
+    assert calls == [2] and torch.equal(again.outputs[:6], td.outputs)
+    calls.clear()
+    more = dm.training_data(cfg.replace(ensemble_size=3), smoke_data, m=10, cache=tmp_path, progress=False)
+    assert calls == [2] and torch.equal(more.outputs[:8], again.outputs)  # another chunk size reuses every part
     # the recorded outputs are the margins of the model trained on that subset with that seed
     model = real(cfg, smoke_data, more.masks[9:10], more.seeds[9:10])
     assert torch.allclose(model.outputs(smoke_data.x_test, smoke_data.y_test)[0], more.outputs[9], atol=1e-4)

@@ -238,3 +238,36 @@ def test_closed_form_logreg_hessian_and_fixed_hessian_newton():
     for k in newton:
         assert torch.allclose(newton[k], lbfgs[k], atol=1e-7)
     assert not torch.allclose(newton["linear.weight"], theta["linear.weight"], atol=1e-4)  # it did move
+
+
+@pytest.mark.parametrize("damping", [1e-8, 1e-5, 1e-2, 1.0])
+def test_exact_solve_is_exact_or_refuses_below_its_floor(damping):
+    """A rank-5 PSD Hessian of size 8 (a singular H, as in deep nets' flat directions): every damping above the
+    documented floor gives X equal to the 60-digit answer to 1e-6 relative; below it, a ValueError that names the
+    smallest usable damping (never a silently wrong solve)."""
+    import mpmath
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    H, V = A.T @ A, torch.randn(8, 2, generator=g, dtype=torch.float64)
+    X = inf.solve_exact(H, V, damping)
+    mpmath.mp.dps = 60
+    M = mpmath.matrix(H.tolist()) + mpmath.mpf(damping) * mpmath.eye(8)
+    ref = torch.tensor([[float(v) for v in mpmath.lu_solve(M, mpmath.matrix(V[:, j].tolist()))] for j in range(2)],
+                       dtype=torch.float64).T
+    assert float((X - ref).norm() / ref.norm()) < 1e-6
+    with pytest.raises(ValueError, match="smallest usable damping .* is"):
+        inf.solve_exact(H, V, 1e-14)
+    with pytest.raises(ValueError, match="too close to singular"):
+        inf.solve_exact(H - torch.eye(8, dtype=torch.float64), V, 1.0)  # the damping cancels an eigenvalue -1
+
+
+def test_iterative_solvers_refuse_non_finite_results():
+    H = -_spd()  # negative definite: damping 0 makes CG divide by a vanishing curvature on some inputs
+    V = torch.ones(12, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="damping must be a finite number"):
+        inf.solve_cg(lambda W: H @ W, V, float("nan"))
+    with pytest.raises(FloatingPointError, match="right-hand sides"):
+        inf.solve_cg(lambda W: H @ W, V * float("inf"), 1.0)
+    with pytest.raises(FloatingPointError, match="CG solution at damping"):
+        inf.solve_cg(lambda W: W * float("inf"), V, 1.0)

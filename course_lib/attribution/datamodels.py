@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import lds
+from .. import retrain
 from ..cache import cache_dir, cache_key
 from ..data import Data
 from ..settings import Setting
 
 STREAM = "datamodels"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: parts hold any range of models, whatever the chunk size
 
 
 # ----------------------------------------------------------------------------------------------- training data
@@ -70,14 +70,14 @@ class TrainingData:
 def training_spec(cfg: Setting) -> dict:
     """Everything that decides the stream of datamodel models (not how many: the stream is a fixed sequence)."""
     return {"version": FORMAT_VERSION, "recipe": cfg.recipe(), "alpha": cfg.alpha, "seed": cfg.seed,
-            "stream": STREAM, "chunk": cfg.ensemble_size}
+            "stream": STREAM}
 
 
 def training_masks(cfg: Setting, n_train: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(m, n_train) masks and (m,) seeds of the first m datamodel models. Drawn from the "datamodels" stream:
     never the LDS evaluation stream, and a prefix of any longer draw (m models today, more later)."""
-    masks = lds.subset_masks(n_train, m, cfg.alpha, cfg.seed, stream=STREAM)
-    seeds = lds.model_seeds(m, 1, cfg.seed, stream=STREAM).flatten()
+    masks = retrain.subset_masks(n_train, m, cfg.alpha, cfg.seed, stream=STREAM)
+    seeds = retrain.model_seeds(m, 1, cfg.seed, stream=STREAM).flatten()
     return masks, seeds
 
 
@@ -91,15 +91,18 @@ def training_data(cfg: Setting, data: Data, m: int | None = None, cache=None,
     m = cfg.dm_models if m is None else m
     if m < 1:
         raise ValueError(f"m (number of datamodel models) must be at least 1, got {m}")
-    chunk = cfg.ensemble_size
-    full = math.ceil(m / chunk) * chunk  # whole chunks only, so that chunk files never change size
-    masks, seeds = training_masks(cfg, data.n_train, full)
+    masks, seeds = training_masks(cfg, data.n_train, m)
     spec = training_spec(cfg)
-    folder = cache_dir(cache) / f"datamodels_{cfg.dataset}_{cache_key(spec)}"
-    outputs, acc, seconds = lds.train_outputs(cfg, data, masks, seeds, folder, f"datamodel models: {full}",
-                                              progress)
-    td = TrainingData(masks, outputs, acc, seeds, data.target_idx.clone(), seconds, spec)
-    return td.first(m)
+    folder = cache_dir(cache) / f"datamodels_{cfg.dataset}_{cache_key(spec)}"  # also in cached_models
+    outputs, acc, seconds = retrain.train_outputs(cfg, data, masks, seeds, folder, f"datamodel models: {m}",
+                                                  progress, name=lambda i: f"datamodel model {i}")
+    return TrainingData(masks, outputs, acc, seeds, data.target_idx.clone(), seconds, spec)
+
+
+def cached_models(cfg: Setting, cache=None) -> int:
+    """How many datamodel models of this setting's stream are already trained and cached (0 if none): what
+    ``training_data`` returns without training anything, for chapters that only reuse chapter 03's models."""
+    return retrain.cached_prefix(cache_dir(cache) / f"datamodels_{cfg.dataset}_{cache_key(training_spec(cfg))}")
 
 
 # ----------------------------------------------------------------------------------------------------- fitting
@@ -300,8 +303,9 @@ def _fit_lasso(X, Y, penalties, n_penalties, eps, cv, seed, patience, max_iter, 
     else:
         lams = torch.as_tensor(penalties, dtype=dtype, device=dev)
         lams = lams.expand(T, -1) if lams.ndim == 1 else lams
-        if lams.shape[0] != T or (lams < 0).any():
-            raise ValueError(f"penalties must be non-negative, shape (L,) or ({T}, L), got {tuple(lams.shape)}")
+        if lams.shape[0] != T or not (lams >= 0).all() or not torch.isfinite(lams).all():
+            raise ValueError(f"penalties must be finite and non-negative, shape (L,) or ({T}, L), got "
+                             f"{tuple(lams.shape)}: {lams.flatten()[:5].tolist()}...")
         lams = lams.sort(1, descending=True).values
     L = lams.shape[1]
     iters = 0
@@ -387,8 +391,8 @@ def fit_ridge(masks, outputs, penalties=None, device=None, dtype=torch.float64) 
         lams = mid * torch.logspace(-2, 3, 16, dtype=dtype, device=dev)
     else:
         lams = torch.as_tensor(penalties, dtype=dtype, device=dev).flatten()
-        if (lams <= 0).any():
-            raise ValueError("ridge penalties must be positive")
+        if not (lams > 0).all() or not torch.isfinite(lams).all():
+            raise ValueError(f"ridge penalties must be finite and positive, got {lams.tolist()}")
     UtY = U.T @ Yc  # (r, T)
     s2 = s ** 2
     errors = torch.empty(len(lams), Y.shape[1], dtype=dtype, device=dev)

@@ -46,13 +46,13 @@ class HessianOperator:
     def __init__(self, net, params: dict, x, y, weight_decay: float = 0.0, hessian_n: int | None = None,
                  seed: int = 0, batch_size: int = 1000, chunk: int = 64):
         self.net, self.weight_decay, self.batch_size, self.chunk = net, weight_decay, batch_size, chunk
-        self.params = {k: v.detach() for k, v in params.items()}
+        self.params = {k: v.detach() for k, v in params.items()}  # the full state: buffers are held fixed
         if hessian_n is not None and hessian_n < len(y):
             keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:hessian_n]
             x, y = x[keep], y[keep]
         self.x, self.y = x, y
         self.n = len(y)
-        self.p = sum(v.numel() for v in self.params.values())
+        self.p = sum(v.numel() for v in grads.split_state(net, self.params)[0].values())
         self.calls = 0  # number of (example, vector) products, for cost accounting
 
     def __call__(self, V: torch.Tensor, idx=None) -> torch.Tensor:
@@ -62,7 +62,7 @@ class HessianOperator:
 
     def dense(self) -> torch.Tensor:
         """The explicit (p, p) Hessian (columns are HVPs); only for small p."""
-        return self(torch.eye(self.p, dtype=next(iter(self.params.values())).dtype))
+        return self(torch.eye(self.p, dtype=next(iter(grads.split_state(self.net, self.params)[0].values())).dtype))
 
 
 class MatrixOperator:
@@ -90,15 +90,43 @@ class MatrixOperator:
 def _check_rhs(V, damping=0.0):
     if V.ndim != 2:
         raise ValueError(f"right-hand sides must be a (p, T) matrix, got shape {tuple(V.shape)}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
+    if not (isinstance(damping, (int, float)) and damping >= 0 and math.isfinite(damping)):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    grads.check_finite(V, "right-hand sides (target gradients)")
+
+
+def _solution(X: torch.Tensor, solver: str, damping) -> torch.Tensor:
+    """X, or FloatingPointError when the solve blew up (an indefinite H + damping I: raise the damping)."""
+    return grads.check_finite(X, f"{solver} solution at damping {damping} (H + damping I is probably not "
+                                 "positive definite here: raise the damping)")
 
 
 def solve_exact(H: torch.Tensor, V: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
-    """X = (H + damping I)^{-1} V with the explicit (p, p) Hessian, in float64 (the reference solver)."""
+    """X = (H + damping I)^{-1} V with the explicit symmetric (p, p) Hessian, in float64 (the reference solver).
+
+    Through the eigendecomposition H = Q diag(e) Q^T: X = Q diag(1 / (e + damping)) Q^T V. In float64 the
+    eigenvalues carry errors of about eps * max|e|, so the solve is accurate to about 1e-6 relative as long as
+    every |e + damping| is at least ``EXACT_FLOOR`` * max|e| (1e6 * eps); below that floor (e.g. damping 1e-14 on a
+    rank-deficient H, or a damping that cancels a negative eigenvalue) it raises ValueError naming the smallest
+    usable damping instead of returning digits that are noise.
+    """
     _check_rhs(V, damping)
-    A = H.double() + damping * torch.eye(H.shape[0], dtype=torch.float64, device=H.device)
-    return torch.linalg.solve(A, V.double()).to(V.dtype)
+    grads.check_finite(H, "Hessian")
+    e, Q = torch.linalg.eigh(H.double())
+    shifted = e + damping
+    floor = EXACT_FLOOR * max(float(e.abs().max()), 1e-300)
+    if (shifted.abs() < floor).any():
+        worst = float(e[shifted.abs().argmin()])
+        usable = max(0.0, -float(e.min())) + floor
+        raise ValueError(f"H + {damping} I is too close to singular for an accurate solve: H has the eigenvalue "
+                         f"{worst:.3g}, so |eigenvalue + damping| = {abs(worst + damping):.3g} is below the floor "
+                         f"{floor:.3g} (1e6 * eps * max|eigenvalue|). The smallest usable damping that makes "
+                         f"H + damping I positive definite is {usable:.3g}.")
+    X = Q @ ((Q.T @ V.double().to(Q.device)) / shifted[:, None])
+    return X.to(V.dtype)
+
+
+EXACT_FLOOR = 1e6 * torch.finfo(torch.float64).eps
 
 
 def solve_cg(hvp, V: torch.Tensor, damping: float = 0.0, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -127,7 +155,8 @@ def solve_cg(hvp, V: torch.Tensor, damping: float = 0.0, iters: int = 100, tol: 
         beta = torch.where(active, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
         P = R + beta * P
         rs = torch.where(active, rs_new, rs)
-    return X
+    grads.check_finite(rs, f"CG solution at damping {damping}: residual norms (the Hessian products are not finite)")
+    return _solution(X, "CG", damping)
 
 
 def solve_lanczos(hvp, V: torch.Tensor, dampings, iters: int = 30) -> dict:
@@ -140,9 +169,9 @@ def solve_lanczos(hvp, V: torch.Tensor, dampings, iters: int = 30) -> dict:
     floating point. Returns {damping: X (p, T)}.
     """
     _check_rhs(V)
+    for d in dampings:
+        _check_rhs(V, d)
     dampings = [float(d) for d in dampings]
-    if min(dampings) < 0:
-        raise ValueError(f"dampings must be >= 0, got {dampings}")
     p, T = V.shape
     k = min(iters, p)
     beta0 = V.norm(dim=0)
@@ -178,7 +207,7 @@ def solve_lanczos(hvp, V: torch.Tensor, dampings, iters: int = 30) -> dict:
     out = {}
     for lam in dampings:
         y = torch.linalg.solve(Tm + lam * eye, e1)[..., 0].to(V.dtype)  # (T, k)
-        out[lam] = torch.einsum("jpt,tj->pt", Q[:steps], y)
+        out[lam] = _solution(torch.einsum("jpt,tj->pt", Q[:steps], y), "multi-shift CG", lam)
     return out
 
 
@@ -220,7 +249,7 @@ def influence_from_solution(train_grads: torch.Tensor, X: torch.Tensor, n: int |
     The effect of INCLUDING each training example on each target's measured output (see the module docstring).
     n: the number of examples in the training objective (default: the rows of train_grads)."""
     n = len(train_grads) if n is None else n
-    return -(train_grads @ X) / n
+    return grads.check_finite(-(train_grads @ X) / n, "influence scores")
 
 
 @dataclass
@@ -294,7 +323,9 @@ def grad_cos(train_grads: torch.Tensor, target_grads: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def features(net, params: dict, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Penultimate-layer representation (the input of ``net.head``), (n, d), via a forward hook."""
+    """Penultimate-layer representation (the input of ``net.head``), (n, d), via a forward hook, in eval mode.
+    params: the model's full state (``Models.state_of``)."""
+    net.eval()
     store = []
     hook = net.head.register_forward_hook(lambda m, inp, out: store.append(inp[0].detach()))
     try:

@@ -20,6 +20,7 @@ averaged over models, then multiplied by the model-averaged Q. Scores follow the
 """
 from __future__ import annotations
 
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -92,15 +93,18 @@ class RandomProjection:
         """(n, p) -> (n, k): ``g @ P``, accumulated block by block unless P is kept whole."""
         if g.shape[-1] != self.p:
             raise ValueError(f"features have {g.shape[-1]} columns, the projection expects p={self.p}")
+        G.check_finite(g, "features to project")
         g = g.to(self.dtype)
         if self.kind == "identity":
-            return g.clone()
-        if self._full is not None:
-            return g @ self._full
-        out = torch.zeros(g.shape[0], self.k, dtype=self.dtype, device=g.device)
-        for b in range(self.num_blocks):
-            out.addmm_(g[:, b * self.block_rows:(b + 1) * self.block_rows], self.block(b))
-        return out
+            out = g.clone()
+        elif self._full is not None:
+            out = g @ self._full
+        else:
+            out = torch.zeros(g.shape[0], self.k, dtype=self.dtype, device=g.device)
+            for b in range(self.num_blocks):
+                out.addmm_(g[:, b * self.block_rows:(b + 1) * self.block_rows], self.block(b))
+        # e.g. float16 overflows to inf past 65504: an error here, not a silent inf in every later score
+        return G.check_finite(out, f"projected features ({self.dtype})")
 
 
 def featurize(net, params: dict, x, y, projection: RandomProjection | None = None, fn: str = "margin",
@@ -120,9 +124,10 @@ def featurize(net, params: dict, x, y, projection: RandomProjection | None = Non
 @torch.no_grad()
 def out_to_loss(net, params: dict, x, y, batch_size: int = 1000) -> torch.Tensor:
     """(n,) Q = 1 - p(correct class) = sigmoid(-margin): minus the derivative of the cross-entropy with respect to
-    the margin. Computed from the margin, because 1 - p rounds to exactly 0 in float32 once p > 1 - 6e-8."""
+    the margin, for the model with full state ``params`` (``Models.state_of``) in eval mode. Computed from the margin, because 1 - p rounds to exactly 0 in float32 once p > 1 - 6e-8."""
     from torch.func import functional_call
 
+    net.eval()
     return torch.cat([torch.sigmoid(-measure.margin(functional_call(net, params, (xb,)), yb))
                       for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
 
@@ -133,24 +138,60 @@ def kernel_solve(phi_train: torch.Tensor, phi_targets: torch.Tensor, damping: fl
 
     lambda = damping * trace(K) / k when ``relative`` (scale-free: a fraction of the mean eigenvalue of the
     kernel K = Phi^T Phi), else damping itself. lambda must be positive: the kernel is singular whenever k > n or
-    the features are rank deficient (e.g. batch-summed gradients), and the damped system is always solvable.
-    The default 1.0 (lambda = the mean eigenvalue) is far from "tiny": on the cpu setting (n = 4,000) LDS is best
-    around 1-10 and several times lower at 1e-3, because the few large eigenvalues dominate the mean while the many
-    small ones amplify noise; chapter 06 shows the sweep. Large damping tends to gradient similarity (K -> lambda I).
+    the features are rank deficient (e.g. batch-summed gradients or duplicated examples). The default 1.0
+    (lambda = the mean eigenvalue) is far from "tiny": on the cpu setting (n = 4,000) LDS is best around 1-10 and
+    several times lower at 1e-3, because the few large eigenvalues dominate the mean while the many small ones
+    amplify noise; chapter 06 shows the sweep. Large damping tends to gradient similarity (K -> lambda I).
+
+    Exact and finite for EVERY positive lambda, in float64. When lambda >= ``CHOLESKY_FLOOR`` * trace(K) the
+    damped kernel is well conditioned and a Cholesky solve is accurate to about 1e-7 relative (its round-off
+    grows like (lambda_max / lambda)^1.5 * eps); below that floor (where Cholesky loses digits, then fails
+    outright near 1e-16) the thin SVD Phi_train = U diag(s) V^T gives U diag(s / (s^2 + lambda)) V^T Phi_targets^T,
+    with singular values below the numerical-rank tolerance max(n, k) * eps * s_max treated as the exact zeros
+    they are (the null space that the damping exists for), as ``numpy.linalg.pinv`` does. The SVD costs about
+    20-30x the Cholesky path on the cpu setting's (4,000 x 2,048) features.
+    Raises ValueError on a non-positive or non-finite damping and on all-zero features, FloatingPointError on
+    non-finite features.
     """
-    if not damping > 0:
-        raise ValueError(f"damping must be positive (got {damping}): the undamped kernel Phi^T Phi can be "
-                         "singular, and inverting it gives meaningless scores")
+    return kernel_solve_dampings(phi_train, phi_targets, [damping], relative)[damping]
+
+
+def kernel_solve_dampings(phi_train: torch.Tensor, phi_targets: torch.Tensor, dampings, relative: bool = True) -> dict:
+    """``kernel_solve`` for several dampings from one SVD: {damping: (n, T) scores}."""
+    dampings = list(dampings)
+    for d in dampings:
+        if not (isinstance(d, (int, float)) and d > 0 and math.isfinite(d)):
+            raise ValueError(f"damping must be a finite positive number (got {d!r}): the undamped kernel "
+                             "Phi^T Phi can be singular, and inverting it gives meaningless scores")
     if phi_train.ndim != 2 or phi_targets.ndim != 2 or phi_train.shape[1] != phi_targets.shape[1]:
         raise ValueError(f"need features (n, k) and (T, k), got {tuple(phi_train.shape)} and "
                          f"{tuple(phi_targets.shape)}")
+    G.check_finite(phi_train, "training features")
+    G.check_finite(phi_targets, "target features")
     a, b = phi_train.double(), phi_targets.double()
-    kernel = a.T @ a
-    lam = damping * kernel.diagonal().mean() if relative else torch.tensor(float(damping), dtype=torch.float64)
-    if not lam > 0:
+    trace = (a ** 2).sum()
+    if not trace > 0:
         raise ValueError("the training features are all zero: nothing to attribute")
-    chol = torch.linalg.cholesky(kernel + lam * torch.eye(len(kernel), dtype=torch.float64))
-    return (a @ torch.cholesky_solve(b.T, chol)).to(phi_train.dtype)
+    k = a.shape[1]
+    out, svd, kernel = {}, None, None
+    for d in dampings:
+        lam = d * trace / k if relative else torch.tensor(float(d), dtype=torch.float64)
+        if lam >= CHOLESKY_FLOOR * trace:
+            kernel = a.T @ a if kernel is None else kernel
+            chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64, device=a.device))
+            out[d] = a @ torch.cholesky_solve(b.T, chol)
+        else:
+            if svd is None:
+                U, sv, Vh = torch.linalg.svd(a, full_matrices=False)
+                keep = sv > max(a.shape) * torch.finfo(torch.float64).eps * sv[0]
+                svd = U[:, keep], sv[keep], Vh[keep] @ b.T  # (n, r), (r,), (r, T)
+            U, sv, proj = svd
+            out[d] = U @ ((sv / (sv ** 2 + lam))[:, None] * proj)
+        out[d] = out[d].to(phi_train.dtype)
+    return out
+
+
+CHOLESKY_FLOOR = 1e-6  # lambda / trace(K) above which the Cholesky solve is accurate to about 1e-7
 
 
 def glm_influence(phi_train, phi_targets, q, damping: float = 1.0, relative: bool = True) -> torch.Tensor:
@@ -201,6 +242,19 @@ class TrakResult:
         """Seconds spent on the first m models."""
         return float(self.seconds[: len(self.q) if m is None else m].sum())
 
+    def to_dict(self) -> dict:
+        """The fields as a dict of tensors (what the cache stores; loads with ``weights_only=True``)."""
+        return dict(vars(self))
+
+    @staticmethod
+    def from_dict(d: dict) -> "TrakResult":
+        return TrakResult(**d)
+
+    @staticmethod
+    def concat(parts: list["TrakResult"]) -> "TrakResult":
+        """The models of several results, in order (e.g. a sweep's first models and the rest)."""
+        return TrakResult(**{f: torch.cat([getattr(r, f) for r in parts]) for f in vars(parts[0])})
+
 
 def trak(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int = 2048, kind: str = "rademacher",
          seed: int = 0, damping: float = 1.0, fn: str = "margin", batch_size: int = 256, chunk: int = 2048,
@@ -231,7 +285,7 @@ def trak_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims
     out = {k: {"ks": [], "qs": [], "secs": [], "gsecs": [], "psecs": []} for k in proj_dims}
     for m in tqdm(range(len(models)), desc=f"TRAK k={proj_dims}", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        params = models.params_of(m)
+        params = models.state_of(m)  # parameters and buffers: the trained model as it is evaluated
         dtype = next(iter(params.values())).dtype
         q = out_to_loss(models.net, params, x_train, y_train)
         t_q = time.perf_counter() - t0
