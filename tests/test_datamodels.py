@@ -177,3 +177,31 @@ def test_bad_input_is_rejected():
         dm.difference_of_means(masks, y * float("nan"))
     with pytest.raises(ValueError, match="valid: lasso, ridge, dom"):
         dm.fit("elastic", masks, y)
+
+
+def test_fit_dispatch_predict_and_examples_always_in_or_out():
+    """(gaps found by mutation testing) ``fit`` passes masks and outputs on to the method; ``predict`` is
+    bias + the sum of the included weights; an example in every subset, or in none, gets weight 0 from the
+    difference of means (its in- or out-mean does not exist)."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(40, 6, generator=g) < 0.5
+    masks[:, 0] = True  # always in
+    masks[:, 1] = False  # never in
+    masks[:, 2], masks[:, 3] = False, True
+    masks[0, 2], masks[0, 3] = True, False  # in exactly once, out exactly once: defined
+    outputs = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    f = dm.fit("dom", masks, outputs)
+    ref = dm.difference_of_means(masks, outputs)
+    assert torch.equal(f.weights, ref.weights) and torch.equal(f.bias, ref.bias)
+    # on TrainingData: its masks and its outputs on its targets (columns 5, 2, 0 of 6 test outputs)
+    td = dm.TrainingData(masks, torch.cat([outputs, -outputs], 1)[:, [2, 4, 1, 3, 5, 0]], torch.ones(40),
+                         torch.arange(40), torch.tensor([5, 2, 0]), 0.0)
+    f_td = dm.fit("dom", td)
+    assert torch.equal(f_td.weights, ref.weights) and torch.equal(f_td.bias, ref.bias)
+    # keyword arguments reach the method
+    strong, weak = dm.fit("ridge", masks, outputs, penalties=[1e3]), dm.fit("ridge", masks, outputs, penalties=[1e-3])
+    assert torch.equal(strong.weights, dm.fit_ridge(masks, outputs, penalties=[1e3]).weights)
+    assert strong.weights.abs().sum() < weak.weights.abs().sum()
+    assert (f.weights[:2] == 0).all() and (f.weights[2:] != 0).all()
+    m = masks[:5]
+    assert torch.allclose(f.predict(m), torch.stack([f.bias + f.weights[row].sum(0) for row in m]))
