@@ -39,6 +39,14 @@ def test_ground_truth_resumes_under_another_chunk_size(smoke, smoke_data, tmp_pa
     assert not list(tmp_path.glob("gt_*/part_*"))  # parts are removed once the ground truth is whole
 
 
+def _copy_into_folder_of(path, root, cfg, other):
+    """Copy a file of cfg's ground-truth folder into the folder that ``other``'s ground truth uses under root."""
+    name = path.parent.name.replace(cache.cache_key(lds.ground_truth_spec(cfg)),
+                                    cache.cache_key(lds.ground_truth_spec(other)))
+    (root / name).mkdir(parents=True)
+    shutil.copy(path, root / name / path.name)
+
+
 def test_foreign_parts_and_files_are_refused(smoke, smoke_data, tmp_path, monkeypatch):
     cfg = _tiny(smoke, ensemble_size=2)
     real = train.train_models
@@ -56,20 +64,13 @@ def test_foreign_parts_and_files_are_refused(smoke, smoke_data, tmp_path, monkey
     part = next((tmp_path / "a").glob("gt_*/part_*"))
     # the same part file dropped into the folder of another ground truth (other subsets and seeds)
     other = cfg.replace(gt_seed=1)
-    folder = tmp_path / "b" / part.parent.name.replace(cache.cache_key(lds.ground_truth_spec(cfg)),
-                                                       cache.cache_key(lds.ground_truth_spec(other)))
-    folder.mkdir(parents=True)
-    shutil.copy(part, folder / part.name)
+    _copy_into_folder_of(part, tmp_path / "b", cfg, other)
     with pytest.raises(ValueError, match="foreign or stale content"):
         lds.build_ground_truth(other, smoke_data, cache=tmp_path / "b", progress=False)
     # a finished ground-truth file whose spec is not the setting's
     monkeypatch.setattr(train, "train_models", real)
     gt = lds.build_ground_truth(cfg, smoke_data, cache=tmp_path / "a", progress=False)
-    final = next((tmp_path / "a").glob("gt_*/ground_truth.pt"))
-    folder = tmp_path / "c" / final.parent.name.replace(cache.cache_key(lds.ground_truth_spec(cfg)),
-                                                        cache.cache_key(lds.ground_truth_spec(other)))
-    folder.mkdir(parents=True)
-    shutil.copy(final, folder / final.name)
+    _copy_into_folder_of(next((tmp_path / "a").glob("gt_*/ground_truth.pt")), tmp_path / "c", cfg, other)
     with pytest.raises(ValueError, match="foreign content"):
         lds.build_ground_truth(other, smoke_data, cache=tmp_path / "c", progress=False)
     assert gt.outputs.shape[:2] == (3, 2)
