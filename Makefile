@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[notebooks,test,traker]'
+	$(PY) -m pip install -q -e '.[notebooks,test,traker,kronfluence]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (pda-course)" >/dev/null
 	touch $(STAMP)
 
@@ -23,10 +23,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	rm -rf build/smoke
 	$(PY) tests/prepare_notebooks.py build/smoke setting=smoke
-	$(PY) -m pytest tests build/smoke --nbval-lax --durations=15
+	$(PY) -m pytest tests build/smoke --nbval-lax --durations=15 -rs
 
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -rs
 
 # Every chapter with its default parameters (SETTING=cpu); executed copies go to output/, figures to figures/.
 course: $(STAMP)
