@@ -155,13 +155,6 @@ def _output_grads(logits, probes, layers, y, labels, gen):
     return draws
 
 
-def _state_of(models, i: int) -> dict:
-    """Model i's full state (parameters and buffers) for ``functional_call``."""
-    if hasattr(models, "state_of"):
-        return models.state_of(i)
-    return {**models.params_of(i), **{k: v[i] for k, v in models.buffers.items()}}
-
-
 # --------------------------------------------------------------------------------- gradients as layer matrices
 
 
