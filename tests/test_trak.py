@@ -154,13 +154,23 @@ def test_damped_solve_is_exact_for_every_positive_damping(damping, relative):
     a = torch.cat([base, base[:2]])  # rows 5, 6 duplicate rows 0, 1
     b = torch.randn(3, 64, generator=g, dtype=torch.float64)
     assert torch.linalg.matrix_rank(a) == 5
-    lam = damping * float((a ** 2).sum()) / 64 if relative else damping
+    _check_against_exact(a, b, damping, relative)
+    # duplicated examples get identical scores
+    out = T.kernel_solve(a, b, damping=damping, relative=relative)
+    assert torch.allclose(out[5], out[0], rtol=1e-9) and torch.allclose(out[6], out[1], rtol=1e-9)
+    # more examples than features (the kernel path instead of the Gram path): 30 x 16 of rank 10 (6 duplicated
+    # feature columns, so the rank deficiency is exact in float64, as in the mpmath reference)
+    cols = torch.randn(30, 10, generator=g, dtype=torch.float64)
+    tall = torch.cat([cols, cols[:, :6]], 1)
+    _check_against_exact(tall, torch.randn(3, 16, generator=g, dtype=torch.float64), damping, relative)
+
+
+def _check_against_exact(a, b, damping, relative):
+    lam = damping * float((a ** 2).sum()) / a.shape[1] if relative else damping
     ref = _exact_kernel_solve(a, b, lam)
     out = T.kernel_solve(a, b, damping=damping, relative=relative)
     assert torch.isfinite(out).all()
     assert float((out - ref).norm() / ref.norm()) < 1e-6
-    # duplicated examples get identical scores
-    assert torch.allclose(out[5], out[0], rtol=1e-9) and torch.allclose(out[6], out[1], rtol=1e-9)
     # several dampings from one SVD give the same as one at a time
     both = T.kernel_solve_dampings(a, b, [damping, 2 * damping], relative)
     assert torch.equal(both[damping], out)

@@ -173,13 +173,18 @@ def kernel_solve_dampings(phi_train: torch.Tensor, phi_targets: torch.Tensor, da
     if not trace > 0:
         raise ValueError("the training features are all zero: nothing to attribute")
     k = a.shape[1]
-    out, svd, kernel = {}, None, None
+    n = a.shape[0]
+    # the smaller of the kernel A^T A (k x k) and the Gram matrix A A^T (n x n): A (A^T A + lam I)^{-1} B^T equals
+    # (A A^T + lam I)^{-1} A B^T (push-through identity), and the two have the same nonzero eigenvalues
+    gram = None
+    out, svd = {}, None
     for d in dampings:
         lam = d * trace / k if relative else torch.tensor(float(d), dtype=torch.float64)
         if lam >= CHOLESKY_FLOOR * trace:
-            kernel = a.T @ a if kernel is None else kernel
-            chol = torch.linalg.cholesky(kernel + lam * torch.eye(k, dtype=torch.float64, device=a.device))
-            out[d] = a @ torch.cholesky_solve(b.T, chol)
+            if gram is None:
+                gram = a.T @ a if k <= n else a @ a.T
+            chol = torch.linalg.cholesky(gram + lam * torch.eye(len(gram), dtype=torch.float64, device=a.device))
+            out[d] = a @ torch.cholesky_solve(b.T, chol) if k <= n else torch.cholesky_solve(a @ b.T, chol)
         else:
             if svd is None:
                 U, sv, Vh = torch.linalg.svd(a, full_matrices=False)
