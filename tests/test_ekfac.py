@@ -10,22 +10,22 @@ from course_lib.attribution import ekfac as E
 from course_lib.attribution import influence as inf
 
 
-def _mlp(n=30, classes=3, seed=0):
+def _toy(build, in_shape, n, classes=3, seed=0):
+    """A float64 model from build(in_shape, classes) in eval mode, its state, and n random inputs with labels."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 2, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(n, *in_shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, classes, (n,), generator=g)
     torch.manual_seed(seed)
-    net = models.MLP((1, 2, 3), classes, width=4, depth=1).double().eval()
+    net = build(in_shape, classes).double().eval()
     return net, dict(net.state_dict()), x, y
+
+
+def _mlp(n=30, classes=3, seed=0):
+    return _toy(lambda s, c: models.MLP(s, c, width=4, depth=1), (1, 2, 3), n, classes, seed)
 
 
 def _cnn(n=12, classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 6, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, classes, (n,), generator=g)
-    torch.manual_seed(seed)
-    net = models.SmallCNN((1, 6, 6), classes, width=2, hidden=4).double().eval()
-    return net, dict(net.state_dict()), x, y
+    return _toy(lambda s, c: models.SmallCNN(s, c, width=2, hidden=4), (1, 6, 6), n, classes, seed)
 
 
 def _jacobian_by_hand(net, state, x):

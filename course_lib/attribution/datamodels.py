@@ -93,16 +93,21 @@ def training_data(cfg: Setting, data: Data, m: int | None = None, cache=None,
         raise ValueError(f"m (number of datamodel models) must be at least 1, got {m}")
     masks, seeds = training_masks(cfg, data.n_train, m)
     spec = training_spec(cfg)
-    folder = cache_dir(cache) / f"datamodels_{cfg.dataset}_{cache_key(spec)}"  # also in cached_models
-    outputs, acc, seconds = retrain.train_outputs(cfg, data, masks, seeds, folder, f"datamodel models: {m}",
-                                                  progress, name=lambda i: f"datamodel model {i}")
+    outputs, acc, seconds = retrain.train_outputs(cfg, data, masks, seeds, _folder(cfg, cache),
+                                                  f"datamodel models: {m}", progress,
+                                                  name=lambda i: f"datamodel model {i}")
     return TrainingData(masks, outputs, acc, seeds, data.target_idx.clone(), seconds, spec)
 
 
 def cached_models(cfg: Setting, cache=None) -> int:
     """How many datamodel models of this setting's stream are already trained and cached (0 if none): what
     ``training_data`` returns without training anything, for chapters that only reuse chapter 03's models."""
-    return retrain.cached_prefix(cache_dir(cache) / f"datamodels_{cfg.dataset}_{cache_key(training_spec(cfg))}")
+    return retrain.cached_prefix(_folder(cfg, cache))
+
+
+def _folder(cfg: Setting, cache=None):
+    """The cache folder of this setting's stream of datamodel models."""
+    return cache_dir(cache) / f"datamodels_{cfg.dataset}_{cache_key(training_spec(cfg))}"
 
 
 # ----------------------------------------------------------------------------------------------------- fitting

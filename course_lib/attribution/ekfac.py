@@ -109,9 +109,12 @@ def _out_rows(layer: Layer, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def _capture(net, state, x, layers):
-    """Forward pass through the full state with every layer's input recorded and a zero 'probe' added to its
-    output, so that d(anything)/d(probe) is the gradient with respect to that layer's output."""
+def capture(net, state, x, layers):
+    """One forward pass of ``net`` through its full ``state`` (parameters and buffers) on x, recording each layer.
+
+    Returns (logits, acts, probes): acts[layer.name] is the layer's input as (b, T, d_in) patches (``patches``);
+    probes[layer.name] is a zero tensor added to the layer's output, so that the gradient of anything computed from
+    the logits with respect to the probe is the gradient with respect to that layer's output (K-FAC's g)."""
     acts, probes = {}, {}
 
     def hook_for(layer):
@@ -180,7 +183,7 @@ def per_example_layer_grads(net, state: dict, x, y, fn: str = "loss", layers=Non
     f = measure.get(fn)
     out = {l.name: [] for l in layers}
     for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-        logits, acts, probes = _capture(net, state, xb, layers)
+        logits, acts, probes = capture(net, state, xb, layers)
         gs = torch.autograd.grad(f(logits, yb).sum(), [probes[l.name] for l in layers])
         for l, g in zip(layers, gs):
             out[l.name].append(_example_grads(l, acts[l.name], _out_rows(l, g), None if rot is None else rot[l.name]))
@@ -442,7 +445,7 @@ def fit_factors(net, state: dict, x, y, labels: str = "sampled", seed: int = 0, 
     def passes(gen_seed):
         gen = torch.Generator().manual_seed(gen_seed)
         for xb, yb in zip(x.split(batch_size), y.split(batch_size)):
-            logits, acts, probes = _capture(net, state, xb, layers)
+            logits, acts, probes = capture(net, state, xb, layers)
             yield acts, _output_grads(logits, probes, layers, yb, labels, gen)
 
     t0 = time.perf_counter()
