@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from course_lib import grads, measure, models
+from course_lib import data as D, grads, measure, models
 from course_lib.attribution import influence as inf
 
 
@@ -277,3 +277,26 @@ def test_logreg_hessian_defaults_to_no_weight_decay():
     """(a gap found by mutation testing: every call passed weight_decay) Measured: 2.2e-16 apart."""
     net, p0, x, y, _, _ = _logreg_problem(n=20, seed=3)
     assert torch.allclose(inf.logreg_hessian(net, p0, x, y), grads.hessian(net, p0, x, y), rtol=0, atol=1e-15)
+
+
+def test_cached_scores_equal_a_direct_computation_and_are_read_back(smoke, smoke_data, tmp_path, monkeypatch):
+    """Chapters 01, 02 and 04 share chapter 01's damped-Hessian scores through this cache."""
+    from course_lib import train
+
+    cfg = smoke.replace(n_train=120)
+    data = D.mnist5k(n_train=120, n_targets=10)
+    models = train.reference_models(cfg, data, 1, cache=tmp_path)
+    kw = dict(dampings=[0.1, 1.0], iters=4, hessian_n=50, cache=tmp_path)
+    first = inf.cached_scores(cfg, data, models, **kw)
+    direct = inf.influence_scores(models.net, models.state_of(0), data.x_train, data.y_train, data.x_targets,
+                                  data.y_targets, weight_decay=cfg.weight_decay, damping=[0.1, 1.0], solver="cg",
+                                  iters=4, hessian_n=50, seed=cfg.seed)
+    for d in (0.1, 1.0):
+        assert torch.allclose(first.by_damping[d], direct.by_damping[d], rtol=1e-5, atol=1e-9)
+    assert torch.equal(first.scores, first.by_damping[0.1])
+    monkeypatch.setattr(inf, "influence_scores", lambda *a, **k: pytest.fail("recomputed instead of read"))
+    again = inf.cached_scores(cfg, data, models, **kw)
+    assert torch.equal(again.by_damping[1.0], first.by_damping[1.0]) and again.seconds == first.seconds
+    other = dict(kw, iters=5)  # another budget is another result
+    with pytest.raises(pytest.fail.Exception):
+        inf.cached_scores(cfg, data, models, **other)

@@ -380,13 +380,34 @@ class Factors:
     def unrotate(self, mats: dict) -> dict:
         return {k: self.qs[k] @ mats[k] @ self.qa[k].T for k in self.layers}
 
-    def inverse_products(self, mats: dict, kind: str = "ekfac", damping: float = 1e-3, relative: bool = False,
-                         weight_decay: float = 0.0) -> dict:
-        """(F + (lambda + wd) I)^{-1} applied to every gradient matrix: {layer: (N, d_out, d_in)} -> same."""
+    def inverse_eigenvalues(self, kind: str = "ekfac", damping: float = 1e-3, relative: bool = False,
+                            weight_decay: float = 0.0, keep: float = 1.0) -> dict:
+        """{layer: (d_out, d_in)} 1 / (eigenvalue + lambda + wd): the damped inverse in the Kronecker eigenbasis.
+
+        keep < 1 is the spectral regularisation of the course text ("approximating each block by its top
+        eigenspace"): per layer only the ceil(keep x d_out d_in) largest eigenvalues are inverted, every other
+        direction gets 0 (the inverse restricted to the block's top eigenspace). Raises ValueError for keep outside
+        (0, 1]."""
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {keep}")
         lam = self.damping_of(kind, damping, relative)
-        eig = self.eigenvalues(kind)
+        out = {}
+        for k, e in self.eigenvalues(kind).items():
+            inv = 1.0 / (e + lam[k] + weight_decay)
+            if keep < 1:
+                r = math.ceil(keep * e.numel())
+                top = e.flatten().argsort(descending=True)[:r]
+                inv = torch.zeros_like(inv).flatten().index_copy_(0, top, inv.flatten()[top]).view_as(e)
+            out[k] = inv
+        return out
+
+    def inverse_products(self, mats: dict, kind: str = "ekfac", damping: float = 1e-3, relative: bool = False,
+                         weight_decay: float = 0.0, keep: float = 1.0) -> dict:
+        """(F + (lambda + wd) I)^{-1} applied to every gradient matrix: {layer: (N, d_out, d_in)} -> same.
+        keep: as in ``inverse_eigenvalues``."""
+        inv = self.inverse_eigenvalues(kind, damping, relative, weight_decay, keep)
         rot = self.rotate(mats)
-        return self.unrotate({k: rot[k] / (eig[k] + lam[k] + weight_decay) for k in self.layers})
+        return self.unrotate({k: rot[k] * inv[k] for k in self.layers})
 
     def block_diagonal(self, M: torch.Tensor) -> torch.Tensor:
         """The layer blocks of a (P, P) matrix in ``layer_order`` (everything between layers set to 0)."""
@@ -485,6 +506,32 @@ def fit_factors(net, state: dict, x, y, labels: str = "sampled", seed: int = 0, 
                    {"covariance": t1 - t0, "eigen": t2 - t1, "lambda": t3 - t2})
 
 
+def cached_factors(cfg, data, models, model: int = 0, labels: str = "sampled", seed: int = 0,
+                   cache=None) -> Factors:
+    """``fit_factors`` of reference model ``model`` on the whole training pool, cached on disk by everything that
+    shapes them (the recipe, the model's seed, the data, the labels and their seed), so that every target, damping
+    and chapter reuses one fit. models: a ``train.Models``."""
+    from .. import cache as cache_mod
+
+    spec = {"recipe": cfg.recipe(), "model": int(models.seeds[model]), "n_train": data.n_train, "labels": labels,
+            "seed": seed, "v": 1}
+    path = cache_mod.cache_dir(cache) / f"ekfac_factors_{cfg.dataset}_{cache_mod.cache_key(spec)}.pt"
+    dev = cfg.torch_device
+    fit = lambda: fit_factors(models.net, models.state_of(model), data.x_train.to(dev), data.y_train.to(dev),
+                              labels, seed).state()
+    return Factors(**cache_mod.load_or_compute(path, fit, spec))
+
+
+def eigh_solve(eigh, V: torch.Tensor, damping: float) -> torch.Tensor:
+    """(M + damping I)^{-1} V from the eigendecomposition ``eigh = (eigenvalues, Q)`` of a symmetric PSD M
+    (``torch.linalg.eigh``): Q diag(1 / (e + damping)) Q^T V. For the explicit matrices of small models."""
+    ev, Q = eigh
+    if not (damping > 0 and (ev + damping).min() > 0):
+        raise ValueError(f"M + damping I must be positive definite: damping {damping}, smallest eigenvalue "
+                         f"{float(ev.min()):.3g}")
+    return Q @ ((Q.T @ V) / (ev + damping)[:, None])
+
+
 # ------------------------------------------------------------------------------------------------------ scores
 
 
@@ -499,9 +546,11 @@ class EkfacScores:
 
 def influence_scores(factors: Factors, net, state: dict, x_train, y_train, x_targets, y_targets, *,
                      dampings=(1e-3,), kinds=("ekfac",), relative: bool = False, weight_decay: float = 0.0,
-                     target_fn: str = "margin", batch_size: int = 256, dtype=torch.float32) -> EkfacScores:
+                     keep: float = 1.0, target_fn: str = "margin", batch_size: int = 256,
+                     dtype=torch.float32) -> EkfacScores:
     """tau[i, t] = -(1/n) grad f_t^T (F + (lambda + wd) I)^{-1} grad loss_i for every curvature in ``kinds``
-    ('kfac', 'ekfac') and every damping, batched over all targets.
+    ('kfac', 'ekfac') and every damping, batched over all targets. keep < 1: only each layer's top eigenspace
+    (``Factors.inverse_eigenvalues``).
 
     The target gradients are rotated into each layer's eigenbasis once and divided by (eigenvalues + damping) per
     setting; the training gradients are rotated batch by batch and multiplied with all of them, so extra dampings
@@ -519,10 +568,9 @@ def influence_scores(factors: Factors, net, state: dict, x_train, y_train, x_tar
     W, t_solve = {}, {}
     for kind, d in settings_:
         t1 = time.perf_counter()
-        lam = factors.damping_of(kind, d, relative)
-        eig = factors.eigenvalues(kind)
-        W[(kind, d)] = torch.cat([(tg[l] / (eig[l] + lam[l] + weight_decay)).reshape(len(y_targets), -1)
-                                  for l in factors.layers], 1).to(dtype)  # (T, P)
+        inv = factors.inverse_eigenvalues(kind, d, relative, weight_decay, keep)
+        W[(kind, d)] = torch.cat([(tg[l] * inv[l]).reshape(len(y_targets), -1) for l in factors.layers],
+                                 1).to(dtype)  # (T, P)
         t_solve[(kind, d)] = time.perf_counter() - t1
     out = {s: torch.empty(n, len(y_targets), dtype=dtype, device=x_train.device) for s in settings_}
     t_grad = 0.0
@@ -573,39 +621,3 @@ def combine(score_list, how: str = "mean") -> torch.Tensor:
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact||_F / ||exact||_F."""
     return float((approx.double() - exact.double()).norm() / exact.double().norm())
-
-
-def check_psd_vs_indefinite(gnh_eigs, hessian_eigs, rel: float = 1e-6):
-    """The GNH spectrum has no eigenvalue below -rel x its largest; the Hessian's smallest is below that bound.
-    Fails for a 'GNH' that is really the Hessian, or a Hessian that came out PSD (e.g. the GNH by mistake)."""
-    g, h = torch.as_tensor(gnh_eigs).double(), torch.as_tensor(hessian_eigs).double()
-    if not g.min() >= -rel * g.abs().max():
-        raise AssertionError(f"GNH has a negative eigenvalue {float(g.min()):.3g} (largest {float(g.max()):.3g})")
-    if not h.min() < -rel * h.abs().max():
-        raise AssertionError(f"the Hessian's smallest eigenvalue {float(h.min()):.3g} is not negative")
-
-
-def check_ekfac_not_worse(err_ekfac: float, err_kfac: float, slack: float = 1e-9):
-    """EK-FAC's eigenvalues are the best diagonal in K-FAC's eigenbasis, so its Frobenius error (against the
-    block-diagonal GNH, exact per-example gradients) cannot exceed K-FAC's."""
-    if not err_ekfac <= err_kfac + slack:
-        raise AssertionError(f"EK-FAC error {err_ekfac:.4g} exceeds K-FAC error {err_kfac:.4g}")
-
-
-def check_predicts_retraining(predicted, actual, min_r: float = 0.5):
-    """Pearson correlation of predicted and actual leave-one-out changes above ``min_r`` (sign included: a
-    flipped sign gives a negative correlation)."""
-    r = float(np.corrcoef(np.asarray(predicted, float), np.asarray(actual, float))[0, 1])
-    if not r > min_r:
-        raise AssertionError(f"predicted vs actual leave-one-out change: Pearson r = {r:.3f} <= {min_r}")
-    return r
-
-
-def check_agreement(ours, theirs, min_rho: float = 0.99):
-    """Mean per-target Spearman correlation of two (n, T) score matrices above ``min_rho``; returns it."""
-    from ..lds import spearman_columns
-
-    rho = float(np.mean(spearman_columns(np.asarray(ours, float), np.asarray(theirs, float))))
-    if not rho > min_rho:
-        raise AssertionError(f"score agreement (mean per-target Spearman) {rho:.4f} <= {min_rho}")
-    return rho

@@ -31,6 +31,7 @@ import torch
 from torch.func import functional_call
 
 from .. import grads
+from ..checks import check_informative  # noqa: F401  (chapters 01, 03 and 06 call it from here)
 
 # ----------------------------------------------------------------------------------------------- Hessian operators
 
@@ -304,6 +305,38 @@ def influence_scores(net, params: dict, x_train, y_train, x_targets, y_targets, 
     return Influence(by[dampings[0]], by, time.perf_counter() - t0, op.calls)
 
 
+def cached_scores(cfg, data, models, *, dampings, iters: int, hessian_n: int, model: int = 0, cache=None,
+                  train_grads: torch.Tensor | None = None) -> Influence:
+    """``influence_scores`` of reference model ``model`` for every target and every damping (multi-shift CG over
+    the Hessian of a random ``hessian_n`` training examples, ``iters`` Krylov steps), cached on disk.
+
+    The one place chapters 01, 02 and 04 get chapter 01's damped-Hessian scores from: the cache key holds the
+    recipe, the model's seed, the data, the dampings and the budget, so a chapter asking for the same computation
+    reads it instead of repeating it. ``seconds`` is the time the computation took when it ran (without the
+    per-example training gradients when ``train_grads`` is given).
+    models: a ``train.Models`` (e.g. ``train.reference_models(cfg, data, n)``)."""
+    from .. import cache as cache_mod
+
+    dampings = [float(d) for d in dampings]
+    spec = {"recipe": cfg.recipe(), "model_seed": int(models.seeds[model]), "n_train": data.n_train,
+            "targets": [int(t) for t in data.target_idx], "dampings": dampings, "iters": iters,
+            "hessian_n": hessian_n, "seed": cfg.seed, "target_fn": "margin", "v": 1}
+    path = cache_mod.cache_dir(cache) / f"influence_{cfg.dataset}_{cache_mod.cache_key(spec)}.pt"
+    dev = cfg.torch_device
+
+    def compute():
+        res = influence_scores(models.net, models.state_of(model), data.x_train.to(dev), data.y_train.to(dev),
+                               data.x_targets.to(dev), data.y_targets.to(dev), weight_decay=cfg.weight_decay,
+                               damping=dampings, solver="cg", iters=iters, hessian_n=hessian_n, seed=cfg.seed,
+                               train_grads=train_grads)
+        return {"scores": [res.by_damping[d].cpu() for d in dampings], "seconds": res.seconds,
+                "hvp_products": res.hvp_products}
+
+    out = cache_mod.load_or_compute(path, compute, spec)
+    by = dict(zip(dampings, out["scores"]))
+    return Influence(by[dampings[0]], by, out["seconds"], out["hvp_products"])
+
+
 # ------------------------------------------------------------------------- simple alternatives (identity Hessian)
 
 
@@ -348,21 +381,6 @@ def identical_class_rate(scores: torch.Tensor, y_train: torch.Tensor, y_pred_tar
     has the target's PREDICTED class."""
     top = scores.argmax(0)
     return float((y_train[top] == y_pred_targets).float().mean())
-
-
-def check_informative(scores: torch.Tensor, rel: float = 1e-3):
-    """Raise ValueError unless scores vary across training examples for every target and differ between targets.
-
-    Catches the failure of a published notebook that differentiated a detached copy of the parameters: every
-    gradient came out zero, so every score was the same number."""
-    s = scores.double()
-    if not torch.isfinite(s).all():
-        raise ValueError("scores contain NaN or infinite values")
-    if (s.std(0) <= rel * s.abs().amax(0).clamp_min(1e-300)).any():
-        raise ValueError("scores are (nearly) constant across training examples for some target: are the "
-                         "gradients taken with respect to the parameters the forward pass uses?")
-    if s.shape[1] > 1 and (s - s[:, :1]).abs().max() <= rel * s.abs().max():
-        raise ValueError("every target got the same scores")
 
 
 # ---------------------------------------------------------------------------------- convex reference retraining

@@ -1,0 +1,88 @@
+"""Sanity checks the chapters assert: each raises AssertionError (ValueError for malformed scores) with a message
+that says what was wrong, and each has a test in ``tests/test_checks.py`` that shows it failing on a broken input
+(a flipped sign, shuffled or constant scores, a wrong matrix).
+
+A check returns the measured quantity when it passes, so a chapter can print what it asserted."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def check_informative(scores: torch.Tensor, rel: float = 1e-3):
+    """Raise ValueError unless scores (n_train, T) vary across training examples for every target and differ
+    between targets.
+
+    Catches the failure of a published notebook that differentiated a detached copy of the parameters: every
+    gradient came out zero, so every score was the same number."""
+    s = torch.as_tensor(scores).double()
+    if not torch.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinite values")
+    if (s.std(0) <= rel * s.abs().amax(0).clamp_min(1e-300)).any():
+        raise ValueError("scores are (nearly) constant across training examples for some target: are the "
+                         "gradients taken with respect to the parameters the forward pass uses?")
+    if s.shape[1] > 1 and (s - s[:, :1]).abs().max() <= rel * s.abs().max():
+        raise ValueError("every target got the same scores")
+
+
+def check_small(value: float, bound: float, what: str) -> float:
+    """``value`` (an error, a difference) is finite and at most ``bound``; returns it."""
+    value = float(value)
+    if not value <= bound:  # also fails for NaN
+        raise AssertionError(f"{what} = {value:.3g}, above the bound {bound:.3g}")
+    return value
+
+
+def check_lds_above(score, baseline, margin: float, what: str) -> float:
+    """The LDS ``score`` (an ``lds.Score``) is above ``baseline`` (a Score or a number) by more than ``margin``,
+    mean against mean. Fails for shuffled or sign-flipped scores, whose LDS sits at or below random.
+    Returns score.mean - baseline."""
+    base = float(getattr(baseline, "mean", baseline))
+    if not score.mean > base + margin:
+        raise AssertionError(f"{what}: LDS {score!r} does not clear {base:.3f} + {margin:g}")
+    return score.mean - base
+
+
+def check_not_decreasing(values, slack: float, what: str):
+    """A curve that should not fall (e.g. LDS against the number of ensembled models): no value is below an
+    earlier one by more than ``slack``."""
+    v = np.asarray([float(getattr(x, "mean", x)) for x in values])
+    drops = np.maximum.accumulate(v) - v
+    if not (np.isfinite(v).all() and drops.max() <= slack):
+        raise AssertionError(f"{what} falls by {drops.max():.3f} (> {slack:g}): {np.round(v, 4).tolist()}")
+
+
+def check_psd_vs_indefinite(gnh_eigs, hessian_eigs, rel: float = 1e-6):
+    """The GNH spectrum has no eigenvalue below -rel x its largest; the Hessian's smallest is below that bound.
+    Fails for a 'GNH' that is really the Hessian, or a Hessian that came out PSD (e.g. the GNH by mistake)."""
+    g, h = torch.as_tensor(gnh_eigs).double(), torch.as_tensor(hessian_eigs).double()
+    if not g.min() >= -rel * g.abs().max():
+        raise AssertionError(f"GNH has a negative eigenvalue {float(g.min()):.3g} (largest {float(g.max()):.3g})")
+    if not h.min() < -rel * h.abs().max():
+        raise AssertionError(f"the Hessian's smallest eigenvalue {float(h.min()):.3g} is not negative")
+
+
+def check_ekfac_not_worse(err_ekfac: float, err_kfac: float, slack: float = 1e-9):
+    """EK-FAC's eigenvalues are the best diagonal in K-FAC's eigenbasis, so its Frobenius error (against the
+    block-diagonal GNH, exact per-example gradients) cannot exceed K-FAC's."""
+    if not err_ekfac <= err_kfac + slack:
+        raise AssertionError(f"EK-FAC error {err_ekfac:.4g} exceeds K-FAC error {err_kfac:.4g}")
+
+
+def check_predicts_retraining(predicted, actual, min_r: float = 0.5) -> float:
+    """Pearson correlation of predicted and actual leave-one-out changes above ``min_r`` (sign included: a
+    flipped sign gives a negative correlation); returns it."""
+    r = float(np.corrcoef(np.asarray(predicted, float), np.asarray(actual, float))[0, 1])
+    if not r > min_r:
+        raise AssertionError(f"predicted vs actual leave-one-out change: Pearson r = {r:.3f} <= {min_r}")
+    return r
+
+
+def check_agreement(ours, theirs, min_rho: float = 0.99) -> float:
+    """Mean per-target Spearman correlation of two (n, T) score matrices above ``min_rho``; returns it."""
+    from .lds import spearman_columns
+
+    rho = float(np.mean(spearman_columns(np.asarray(ours, float), np.asarray(theirs, float))))
+    if not rho > min_rho:
+        raise AssertionError(f"score agreement (mean per-target Spearman) {rho:.4f} <= {min_rho}")
+    return rho

@@ -1,0 +1,62 @@
+"""Every sanity check in course_lib.checks passes on a right result and fails on a broken one."""
+import numpy as np
+import pytest
+import torch
+
+from course_lib import checks, lds
+from course_lib.lds import GroundTruth
+
+def _planted_lds(flip=False, shuffle=False, n=80, m=120, T=6, seed=0):
+    """LDS of the true linear datamodel of a planted ground truth (with noise), or of a broken copy of it."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(m, n, generator=g) < 0.5
+    w = torch.randn(n, T, generator=g, dtype=torch.float64)
+    outputs = (masks.double() @ w + 2.0 * torch.randn(m, T, generator=g, dtype=torch.float64))[:, None]
+    gt = GroundTruth(masks, outputs.float(), torch.ones(m, 1), torch.arange(T), {}, 0.0)
+    scores = -w if flip else w[torch.randperm(n, generator=g)] if shuffle else w
+    return lds.lds(scores, gt)
+
+def test_check_lds_above_passes_the_true_scores_and_fails_broken_ones():
+    good = _planted_lds()
+    assert checks.check_lds_above(good, 0.0, 0.2, "planted") == pytest.approx(good.mean)
+    assert good.mean > 0.5
+    for broken in (_planted_lds(flip=True), _planted_lds(shuffle=True)):
+        with pytest.raises(AssertionError, match="does not clear"):
+            checks.check_lds_above(broken, 0.0, 0.05, "broken")
+    with pytest.raises(AssertionError):  # a Score as the baseline: the same scores do not beat themselves
+        checks.check_lds_above(good, good, 0.0, "itself")
+
+def test_check_small_and_not_decreasing():
+    assert checks.check_small(1e-12, 1e-8, "difference") == 1e-12
+    for bad in (1e-3, float("nan"), float("inf")):
+        with pytest.raises(AssertionError, match="difference"):
+            checks.check_small(bad, 1e-8, "difference")
+    checks.check_not_decreasing([0.2, 0.25, 0.24, 0.3], 0.02, "LDS vs M")
+    with pytest.raises(AssertionError, match="falls by 0.100"):
+        checks.check_not_decreasing([0.2, 0.3, 0.2], 0.02, "LDS vs M")
+    with pytest.raises(AssertionError):
+        checks.check_not_decreasing([0.2, float("nan")], 0.02, "LDS vs M")
+    scores = [lds.bootstrap(np.array([v, v + 0.01])) for v in (0.3, 0.1)]  # Scores are read by their mean
+    with pytest.raises(AssertionError):
+        checks.check_not_decreasing(scores, 0.05, "LDS vs M")
+
+
+def test_curvature_and_agreement_checks_fail_on_broken_inputs():
+    a = torch.randn(50, 4, dtype=torch.float64)
+    checks.check_psd_vs_indefinite([0.0, 1.0, 5.0], [-0.5, 1.0, 5.0])
+    with pytest.raises(AssertionError, match="negative eigenvalue"):
+        checks.check_psd_vs_indefinite([-0.5, 1.0, 5.0], [-0.5, 1.0, 5.0])  # a 'GNH' that is the Hessian
+    with pytest.raises(AssertionError, match="not negative"):
+        checks.check_psd_vs_indefinite([0.0, 1.0], [0.0, 1.0])  # a Hessian that is PSD
+    checks.check_ekfac_not_worse(0.1, 0.2)
+    with pytest.raises(AssertionError):
+        checks.check_ekfac_not_worse(0.3, 0.2)
+    assert checks.check_agreement(a, 2 * a) > 0.999
+    with pytest.raises(AssertionError, match="agreement"):
+        checks.check_agreement(a, a[torch.randperm(50)])  # shuffled scores
+    with pytest.raises(AssertionError, match="agreement"):
+        checks.check_agreement(a, -a)  # flipped sign
+    r = checks.check_predicts_retraining(a[:, 0], 2 * a[:, 0] + 0.1 * a[:, 1], 0.9)
+    assert r > 0.9
+    with pytest.raises(AssertionError, match="Pearson"):
+        checks.check_predicts_retraining(-a[:, 0], a[:, 0], 0.5)  # a flipped sign fails
