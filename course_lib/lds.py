@@ -284,6 +284,13 @@ def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0, part:
     return two_way_bootstrap([pred, actual], [(0, 1)], n_boot=n_boot, seed=seed)[0]
 
 
+def ceiling(r, k: int):
+    """The noise ceiling against a k-model average, given the one-vs-one seed correlation r (per target, array):
+    sqrt(k r / (1 + (k - 1) r)), r clipped to [0, 1] (the Spearman-Brown formula; k = 1 gives sqrt(r))."""
+    rc = np.clip(np.asarray(r, dtype=float), 0, 1)
+    return np.sqrt(k * rc / (1 + (k - 1) * rc))
+
+
 def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None = None, n_boot: int = 2000) -> dict:
     """How much of the ground truth any attribution could predict, given seed noise.
 
@@ -306,11 +313,7 @@ def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None
         raise ValueError("the noise ceiling needs at least two models per subset (gt_models >= 2)")
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
 
-    def ceiling_k(r):
-        rc = np.clip(r, 0, 1)
-        return np.sqrt(k * rc / (1 + (k - 1) * rc))
-
     one, c1, ck = two_way_bootstrap([out[:, a] for a in range(k)], pairs,
-                                    (lambda r: r, lambda r: np.sqrt(np.clip(r, 0, 1)), ceiling_k),
+                                    (lambda r: r, lambda r: ceiling(r, 1), lambda r: ceiling(r, k)),
                                     n_boot=n_boot, seed=seed)
     return {"one_vs_one": one, "ceiling_1": c1, "ceiling_k": ck}

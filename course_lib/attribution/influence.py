@@ -305,19 +305,29 @@ def influence_scores(net, params: dict, x_train, y_train, x_targets, y_targets, 
     return Influence(by[dampings[0]], by, time.perf_counter() - t0, op.calls)
 
 
-def cached_scores(cfg, data, models, *, dampings, iters: int, hessian_n: int, model: int = 0, cache=None,
-                  train_grads: torch.Tensor | None = None) -> Influence:
+#: chapter 01's LDS computation of the damped-Hessian influence: its damping grid, and per setting the Krylov steps
+#: and the Hessian subsample (chapter 01's `dampings` and `BUDGETS`); chapters 02 and 04 reuse its cached scores
+CHAPTER01_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+CHAPTER01_SOLVE = {"smoke": {"iters": 4, "hessian_n": 100}, "cpu": {"iters": 10, "hessian_n": 250}}
+
+
+def cached_scores(cfg, data, models, *, dampings=None, iters: int | None = None, hessian_n: int | None = None,
+                  model: int = 0, cache=None, train_grads: torch.Tensor | None = None) -> Influence:
     """``influence_scores`` of reference model ``model`` for every target and every damping (multi-shift CG over
     the Hessian of a random ``hessian_n`` training examples, ``iters`` Krylov steps), cached on disk.
 
     The one place chapters 01, 02 and 04 get chapter 01's damped-Hessian scores from: the cache key holds the
     recipe, the model's seed, the data, the dampings and the budget, so a chapter asking for the same computation
-    reads it instead of repeating it. ``seconds`` is the time the computation took when it ran (without the
-    per-example training gradients when ``train_grads`` is given).
+    reads it instead of repeating it. Unset arguments take chapter 01's defaults (``CHAPTER01_DAMPINGS``,
+    ``CHAPTER01_SOLVE`` of the setting, the ``cpu`` budget for any other setting). ``seconds`` is the time the
+    computation took when it ran (without the per-example training gradients when ``train_grads`` is given).
     models: a ``train.Models`` (e.g. ``train.reference_models(cfg, data, n)``)."""
     from .. import cache as cache_mod
 
-    dampings = [float(d) for d in dampings]
+    budget = CHAPTER01_SOLVE.get(cfg.name, CHAPTER01_SOLVE["cpu"])
+    dampings = [float(d) for d in (CHAPTER01_DAMPINGS if dampings is None else dampings)]
+    iters = budget["iters"] if iters is None else iters
+    hessian_n = budget["hessian_n"] if hessian_n is None else hessian_n
     spec = {"recipe": cfg.recipe(), "model_seed": int(models.seeds[model]), "n_train": data.n_train,
             "targets": [int(t) for t in data.target_idx], "dampings": dampings, "iters": iters,
             "hessian_n": hessian_n, "seed": cfg.seed, "target_fn": "margin", "v": 1}
