@@ -197,17 +197,34 @@ def train_models(cfg: Setting, data: Data, masks: torch.Tensor, seeds, *, init: 
     return out.select(torch.cat(order).argsort())
 
 
-def _train_group(cfg, data, masks, seeds, init, epochs, lr, n_checkpoints, progress):
+def _train_group(cfg, data, masks, seeds, init, epochs, lr, n_checkpoints, progress, weights=None, dtype=None,
+                 record=None):
+    """Train one group of models. Default: model e sees the examples of masks[e] in its own batch order and
+    minimises each batch's mean loss. With ``weights`` (E, n_train): every model runs through the whole pool in the
+    batch order of its seed and minimises (1/B) sum_{i in batch} weights[e, i] loss_i. ``dtype``: train in that
+    float type. ``record``: a list that receives the flat parameters before every step (one model only)."""
     device = cfg.torch_device
     net, params, buffers = init_params(cfg, data, seeds.tolist())
     if init is not None:
         params = {k: init[k].detach().clone() for k in params}
     net = net.to(device).train()
+    if dtype is not None:
+        net = net.to(dtype)
+        params = {k: v.to(dtype) for k, v in params.items()}
+        buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in buffers.items()}
     params = {k: v.to(device).requires_grad_() for k, v in params.items()}
     buffers = {k: v.to(device) for k, v in buffers.items()}
     x, y = data.x_train.to(device), data.y_train.to(device)
+    if dtype is not None:
+        x = x.to(dtype)
     epochs = cfg.epochs if epochs is None else epochs
-    orders = [batch_order(s, torch.nonzero(m).flatten(), epochs, cfg.batch_size) for s, m in zip(seeds, masks)]
+    if weights is None:
+        orders = [batch_order(s, torch.nonzero(m).flatten(), epochs, cfg.batch_size) for s, m in zip(seeds, masks)]
+    else:
+        pool = torch.arange(data.n_train)
+        orders = [batch_order(s, pool, epochs, cfg.batch_size) for s in seeds]
+        weights = weights.to(device=device, dtype=x.dtype)
+        rows = torch.arange(len(seeds), device=device)[:, None]
     steps = len(orders[0])
     lrs = lr_schedule(cfg, steps, lr)
     keep = set(torch.linspace(0, steps, n_checkpoints + 1).round().long().tolist()[1:]) if n_checkpoints else set()
@@ -218,16 +235,150 @@ def _train_group(cfg, data, masks, seeds, init, epochs, lr, n_checkpoints, progr
         idx = torch.stack([o[t] for o in orders]).to(device)  # (E, B)
         for g in opt.param_groups:
             g["lr"] = float(lrs[t])
+        if record is not None:
+            record.append(torch.cat([v.detach()[0].reshape(-1) for v in params.values()]))
         logits = _forward(net, params, buffers, x[idx])
         # sum over models of each model's mean loss: the gradient for model e is its own mean-loss gradient
-        loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum") / idx.shape[1]
+        if weights is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="sum") / idx.shape[1]
+        else:
+            per = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), reduction="none").view(idx.shape)
+            loss = (weights[rows, idx] * per).sum() / idx.shape[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if t + 1 in keep:
             checkpoints.append((t + 1, {k: v.detach().clone() for k, v in params.items()}))
     params = {k: v.detach() for k, v in params.items()}
+    if record is not None:
+        record.append(torch.cat([v[0].reshape(-1) for v in params.values()]))
     return Models(net.eval(), params, buffers, seeds, masks.cpu(), checkpoints, lrs)
+
+
+# ------------------------------------------------------------------- weighted training in a fixed batch order (ch. 05)
+
+
+def _check_weights(weights, n_train: int) -> torch.Tensor:
+    w = torch.as_tensor(weights)
+    if not w.is_floating_point():
+        w = w.double()
+    if w.ndim == 1:
+        w = w[None]
+    if w.ndim != 2 or w.shape[1] != n_train:
+        raise ValueError(f"weights must have shape ({n_train},) or (models, {n_train}), got {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError("weights must be finite numbers")
+    return w
+
+
+def train_weighted(cfg: Setting, data: Data, weights, seed: int, *, epochs: int | None = None,
+                   lr: float | None = None, checkpoints: int = 0, dtype: torch.dtype | None = None,
+                   progress: bool = False) -> Models:
+    """Train one model per row of ``weights`` (E, n_train) (or one row (n_train,)), all from the SAME seed: the same
+    initialisation and the same batch order over the whole training pool, ``batch_order(seed, arange(n_train))``.
+
+    The loss of a step on batch b (|b| = B examples, B = batch_size except maybe in an epoch's last batch) is
+        (1/B) sum_{i in b} w_i loss_i(theta)        (+ the recipe's coupled weight decay, (wd/2) ||theta||^2),
+    normalised by the batch size B, NOT by the sum of the weights, so that d(loss)/d(w_i) = loss_i / B is a clean
+    derivative and weight 1 everywhere is exactly the ordinary mean loss. Dropping example i means w_i = 0: the
+    batches, the initialisation and every other example's weight stay the same (the fixed-seed counterfactual of
+    chapter 05). All ones reproduces ``train_models(cfg, data, full_mask(data), [seed])``. Weights may be any
+    finite numbers (1 +- eps for finite differences). Models train ``cfg.ensemble_size`` at a time.
+
+    dtype: train in that float type (torch.float64 for derivative checks); default: the model's (float32).
+    Returns ``Models`` with seeds all ``seed`` and masks ``weights != 0``. Raises ValueError on badly shaped or
+    non-finite weights.
+    """
+    w = _check_weights(weights, data.n_train)
+    E = len(w)
+    seeds = torch.full((E,), int(seed), dtype=torch.long)
+    parts = []
+    for start in range(0, E, cfg.ensemble_size):
+        rows = slice(start, start + cfg.ensemble_size)
+        parts.append(_train_group(cfg, data, w[rows] != 0, seeds[rows], None, epochs, lr, checkpoints, progress,
+                                  weights=w[rows], dtype=dtype))
+    return Models.concat(parts)
+
+
+@dataclass
+class Trajectory:
+    """One recorded training run that can be replayed and differentiated (chapter 05, ``attribution.unroll``).
+
+    thetas: (steps + 1, p) the flat parameters (order of ``like``) before every step, and after the last one.
+    lrs: (steps,) the learning rate of every step. batches: the steps' index tensors into the training pool.
+    weights: (n_train,) the data weights. like: {name: tensor} the final parameters (names, shapes, flat order).
+    buffers: the model's buffers (held fixed). The update is torch.optim.SGD's, with momentum mu, Nesterov when
+    ``nesterov``, and coupled weight decay wd: g_t = grad[(1/B) sum_b w_i loss_i](theta_t) + wd theta_t,
+    m_{t+1} = mu m_t + g_t (m_0 = 0), theta_{t+1} = theta_t - lr_t (g_t + mu m_{t+1}) (Nesterov) or
+    theta_t - lr_t m_{t+1}. The momentum enters linearly, so theta_t alone fixes each step's Jacobian.
+    """
+    net: torch.nn.Module
+    like: dict
+    buffers: dict
+    thetas: torch.Tensor
+    lrs: torch.Tensor
+    batches: list
+    weights: torch.Tensor
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    seed: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.lrs)
+
+    @property
+    def n_train(self) -> int:
+        return len(self.weights)
+
+    def params_at(self, t: int) -> dict:
+        """{name: tensor} the parameters before step t (t = steps: the trained model)."""
+        if not -len(self.thetas) <= t < len(self.thetas):
+            raise ValueError(f"step {t} is outside 0..{self.steps}")
+        vec, out, i = self.thetas[t], {}, 0
+        for k, v in self.like.items():
+            out[k] = vec[i:i + v.numel()].view_as(v)
+            i += v.numel()
+        return out
+
+    def state_at(self, t: int) -> dict:
+        """The full state (parameters and buffers) before step t, for ``functional_call(net, state, x)``."""
+        return {**self.params_at(t), **self.buffers}
+
+    def checkpoint_steps(self, k: int) -> list[int]:
+        """k evenly spaced steps 1..steps (the last is the trained model), spaced as ``train_models``' checkpoints:
+        ``[traj.state_at(s) for s in traj.checkpoint_steps(k)]`` are the states TracIn and SOURCE use."""
+        if not (isinstance(k, int) and 1 <= k <= self.steps):
+            raise ValueError(f"k must be an integer in 1..{self.steps}, got {k!r}")
+        return torch.linspace(0, self.steps, k + 1).round().long().tolist()[1:]
+
+
+def record_training(cfg: Setting, data: Data, seed: int, weights=None, *, epochs: int | None = None,
+                    lr: float | None = None, dtype: torch.dtype | None = None,
+                    progress: bool = False) -> Trajectory:
+    """Train ONE model as ``train_weighted`` does (weights (n_train,), default all ones; the batch order of ``seed``
+    over the whole pool) and record every step: the parameters before each step, its learning rate and its batch.
+
+    Memory: (steps + 1) x p numbers (the ``cpu`` setting: 631 x 28,874 floats, 73 MB). Models with batch norm are
+    refused (ValueError): their training-mode statistics depend on the batch, which replaying does not model.
+    """
+    w = _check_weights(torch.ones(data.n_train) if weights is None else weights, data.n_train)
+    if len(w) != 1:
+        raise ValueError(f"record_training trains one model: weights must have shape ({data.n_train},)")
+    with torch.random.fork_rng(devices=[]):  # building a skeleton draws from the global RNG: leave it untouched
+        skeleton = build_model(cfg, data)
+    if models.has_batchnorm(skeleton):
+        raise ValueError(f"architecture {cfg.arch!r} has batch norm, which unrolling does not support; use "
+                         "'logreg', 'mlp' or 'cnn'")
+    thetas = []
+    m = _train_group(cfg, data, w != 0, torch.tensor([int(seed)]), None, epochs, lr, 0, progress, weights=w,
+                     dtype=dtype, record=thetas)
+    epochs = cfg.epochs if epochs is None else epochs
+    batches = batch_order(int(seed), torch.arange(data.n_train), epochs, cfg.batch_size)
+    return Trajectory(m.net, m.params_of(0), {k: v[0] for k, v in m.buffers.items()}, torch.stack(thetas),
+                      m.lrs, batches, w[0].to(thetas[0].dtype), float(cfg.momentum), cfg.momentum > 0,
+                      float(cfg.weight_decay), int(seed))
 
 
 def full_mask(data: Data, n: int = 1) -> torch.Tensor:

@@ -31,14 +31,22 @@ def available() -> bool:
         return False
 
 
-def kronfluence_scores(net, state: dict, x_train, y_train, x_targets, y_targets, *, strategy: str = "ekfac",
-                       damping: float | None = 1e-8, empirical: bool = True, batch_size: int = 256,
-                       query_batch_size: int = 200, more_dampings=()) -> tuple[torch.Tensor, dict]:
+def kronfluence_scores(net, state: dict, x_train, y_train, x_targets, y_targets, *, damping: float | None = 1e-8,
+                       **kw) -> tuple[torch.Tensor, dict]:
     """kronfluence's pairwise scores (n_train, T) in ITS convention (grad f_t^T (F + lambda I)^{-1} grad loss_i)
     for the margin of each target, and {'factors': s, 'scores': s} wall times. damping=None: its heuristic.
+    Keyword arguments as in ``kronfluence_sweep``."""
+    scores, secs = kronfluence_sweep(net, state, x_train, y_train, x_targets, y_targets, dampings=[damping], **kw)
+    return scores[0], {"factors": secs["factors"], "scores": secs["scores"][0]}
 
-    more_dampings: further dampings scored with the same fitted factors; then the first return value is a list
-    of score matrices (``damping`` first) and 'scores' a list of seconds."""
+
+def kronfluence_sweep(net, state: dict, x_train, y_train, x_targets, y_targets, *, dampings=(1e-8,),
+                      strategy: str = "ekfac", empirical: bool = True, batch_size: int = 256,
+                      query_batch_size: int = 200) -> tuple[list, dict]:
+    """``kronfluence_scores`` for several dampings from one factor fit: a list of (n_train, T) score matrices (in
+    the order of ``dampings``; None: its heuristic) and {'factors': s, 'scores': [s per damping]}.
+    empirical=False samples labels with torch's global generator: seed it (``torch.manual_seed``) before the call
+    for reproducible scores."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -72,7 +80,7 @@ def kronfluence_scores(net, state: dict, x_train, y_train, x_targets, y_targets,
                                  overwrite_output_dir=True)
         t_factors = time.perf_counter() - t0
         out, secs = [], []
-        for j, d in enumerate([damping, *more_dampings]):
+        for j, d in enumerate(dampings):
             t1 = time.perf_counter()
             analyzer.compute_pairwise_scores(f"scores{j}", "factors", query, train, per_device_query_batch_size=
                                              query_batch_size, per_device_train_batch_size=batch_size,
@@ -80,6 +88,4 @@ def kronfluence_scores(net, state: dict, x_train, y_train, x_targets, y_targets,
                                              overwrite_output_dir=True)
             secs.append(time.perf_counter() - t1)
             out.append(analyzer.load_pairwise_scores(f"scores{j}")["all_modules"].T.contiguous())
-    if not more_dampings:
-        return out[0], {"factors": t_factors, "scores": secs[0]}
     return out, {"factors": t_factors, "scores": secs}
