@@ -352,3 +352,32 @@ def test_factors_survive_the_cache(tmp_path):
     assert back.layers == fac.layers and back.spec == fac.spec
     assert all(torch.equal(back.lam[k], fac.lam[k]) and torch.equal(back.qa[k], fac.qa[k]) for k in fac.layers)
     assert isinstance(stored, dict)
+
+
+def test_resnet9_scores_use_the_factored_layers_only():
+    """The `gpu` setting's ResNet-9 on CPU (narrow, a few CIFAR-shaped images): convolutions and the head are
+    factored, the batch-norm scales and shifts are not (they get no curvature and contribute nothing), and the
+    scores equal -(1/n) sum over the factored layers of grad loss_i . (F + lambda)^-1 grad f_t, built from the full
+    per-example gradients (batch norm included, then dropped), with the model evaluated through its full state
+    (running statistics) in eval mode."""
+    from course_lib import data as D, settings, train
+
+    cfg = settings.get("smoke", arch="resnet9", width=2, n_train=24, n_targets=3, epochs=1, batch_size=12,
+                       ensemble_size=1, device="cpu")
+    data = D.for_setting(cfg)
+    trained = train.train_models(cfg, data, train.full_mask(data), [0])
+    net, state = trained.net.eval(), trained.state_of(0)
+    x, y, xt, yt = data.x_train, data.y_train, data.x_targets, data.y_targets
+    layers = E.layers_of(net)
+    assert {type(l.module) for l in layers} <= {nn.Conv2d, nn.Linear} and len(layers) >= 8
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    fac = E.fit_factors(net, state, x, y, labels="empirical")
+    res = E.influence_scores(fac, net, state, x, y, xt, yt, dampings=[1e-3], kinds=["ekfac"], dtype=torch.float64)
+    params = {k: state[k] for k, _ in net.named_parameters()}
+    assert sum(l.d_out * l.d_in for l in layers) < sum(v.numel() for v in params.values())  # batch norm left out
+    g_tr = E.layer_grads_from_flat(grads.per_example_grads(net, state, x, y, "loss"), params, layers)
+    g_t = E.layer_grads_from_flat(grads.per_example_grads(net, state, xt, yt, "margin"), params, layers)
+    X = fac.inverse_products(g_t, "ekfac", 1e-3)
+    ref = -sum(torch.einsum("noi,toi->nt", g_tr[k].double(), X[k]) for k in fac.layers) / len(y)
+    assert torch.allclose(res.scores[("ekfac", 1e-3)], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    checks.check_informative(res.scores[("ekfac", 1e-3)])
