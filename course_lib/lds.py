@@ -103,6 +103,46 @@ def build_ground_truth(cfg: Setting, data: Data, cache=None, progress: bool = Tr
     return gt
 
 
+def fixed_seed_spec(cfg: Setting, drop: float, m: int, seed: int) -> dict:
+    """Everything that determines a fixed-seed ground truth (its cache key)."""
+    return {"kind": "fixed-seed", "format": FORMAT_VERSION, "recipe": cfg.recipe(), "m": m, "drop": drop,
+            "seed": seed, "mask_seed": cfg.gt_seed}
+
+
+def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int | None = None,
+                                  seed: int | None = None, cache=None, progress: bool = True) -> GroundTruth:
+    """The single-model counterfactual ground truth (chapter 05): ONE training seed (initialisation and batch order
+    over the whole pool), ``m`` random subsets (default ``cfg.gt_subsets``) that each drop a fraction ``drop`` of the
+    training pool (weight 0 in ``train.train_weighted``: the same batches, the same initialisation), one model per
+    subset (k = 1). Seed noise is absent by construction, so its ceiling is 1 up to float arithmetic; what it
+    measures is the effect of the data on THIS training run. seed: default the first seed of the stream
+    "fixed-seed" (``model_seeds``). Cached and resumable like ``build_ground_truth``; score it with ``lds``.
+    Raises ValueError for ``drop`` outside (0, 1) or one that leaves a subset empty or whole."""
+    drop = float(drop)
+    if not 0 < drop < 1:
+        raise ValueError(f"drop must be a fraction in (0, 1), got {drop}")
+    m = cfg.gt_subsets if m is None else int(m)
+    seed = int(model_seeds(1, 1, cfg.gt_seed, stream="fixed-seed")[0, 0]) if seed is None else int(seed)
+    spec = fixed_seed_spec(cfg, drop, m, seed)
+    folder = cache_dir(cache) / f"gt_fixed_{cfg.recipe()['dataset']}_{cache_key(spec)}"
+    final = folder / "ground_truth.pt"
+    if final.exists():
+        stored = torch.load(final, weights_only=True)
+        if stored.get("spec") != spec:
+            raise ValueError(f"{final} was built for {stored.get('spec')}, not for {spec}: foreign content. "
+                             f"Delete {folder} (or run `make clean-cache`).")
+        return GroundTruth(**stored)
+    masks = subset_masks(data.n_train, m, 1 - drop, cfg.gt_seed, stream=f"fixed-seed-{drop}")
+    outputs, acc, seconds = train_outputs(cfg, data, masks, torch.full((m,), seed), folder,
+                                          f"fixed-seed ground truth, drop {drop:g}: {m} models", progress,
+                                          name=lambda i: f"fixed-seed subset {i}", fixed_order=True)
+    gt = GroundTruth(masks, outputs.view(m, 1, -1), acc.view(m, 1), data.target_idx.clone(), spec, seconds)
+    atomic_save(asdict(gt), final)
+    for p in folder.glob("part_*.pt"):
+        p.unlink()
+    return gt
+
+
 @dataclass
 class Score:
     """A mean over targets with a bootstrap confidence interval; per_target holds the values averaged."""

@@ -97,7 +97,8 @@ def cached_prefix(folder: Path) -> int:
 
 
 def train_outputs(cfg: Setting, data: Data, masks: torch.Tensor, seeds: torch.Tensor, folder: Path,
-                  desc: str, progress: bool = True, name=None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                  desc: str, progress: bool = True, name=None,
+                  fixed_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Train a model for every (mask, seed) pair and record its test-split margins, resumably.
 
     masks (M, n_train) bool, seeds (M,). Models are trained in chunks of ``cfg.ensemble_size``; each chunk is saved
@@ -105,6 +106,8 @@ def train_outputs(cfg: Setting, data: Data, masks: torch.Tensor, seeds: torch.Te
     which model row i is, for error messages (default "model i"). Returns outputs (M, n_test), accuracy (M,), and
     the training seconds spent on all rows (this run and earlier ones). Raises FloatingPointError when a model's
     outputs are not finite (nothing of that chunk is stored), ValueError on foreign content in ``folder``.
+    fixed_order: train with ``train.train_weighted`` instead (the seed's batch order over the whole pool, examples
+    outside the mask weighted 0: the fixed-seed counterfactual of chapter 05); a chunk never mixes seeds.
     """
     masks = torch.as_tensor(masks, dtype=torch.bool)
     seeds = torch.as_tensor(seeds, dtype=torch.long).flatten()
@@ -129,7 +132,9 @@ def train_outputs(cfg: Setting, data: Data, masks: torch.Tensor, seeds: torch.Te
             s = b
             continue
         e = min([s + chunk, M] + [a for a in have if a > s])
-        pieces.append(_train_part(cfg, data, masks, seeds, s, e, folder, name))
+        if fixed_order:  # one seed per chunk: train_weighted trains every row from the same seed
+            e = s + int((seeds[s:e] == seeds[s]).cumprod(0).sum())
+        pieces.append(_train_part(cfg, data, masks, seeds, s, e, folder, name, fixed_order))
         bar.update(e - s)
         s = e
     bar.close()
@@ -137,9 +142,12 @@ def train_outputs(cfg: Setting, data: Data, masks: torch.Tensor, seeds: torch.Te
             float(sum(p["seconds"] for p in pieces)))
 
 
-def _train_part(cfg, data, masks, seeds, s, e, folder, name) -> dict:
+def _train_part(cfg, data, masks, seeds, s, e, folder, name, fixed_order=False) -> dict:
     t0 = time.perf_counter()
-    models = train.train_models(cfg, data, masks[s:e], seeds[s:e])
+    if fixed_order:
+        models = train.train_weighted(cfg, data, masks[s:e].float(), int(seeds[s]))
+    else:
+        models = train.train_models(cfg, data, masks[s:e], seeds[s:e])
     x = data.x_test.to(cfg.torch_device)
     outputs = models.outputs(x, data.y_test).cpu()
     bad = (~torch.isfinite(outputs)).any(1).nonzero().flatten().tolist()

@@ -350,3 +350,29 @@ def test_two_way_interval_has_the_spread_of_fresh_ground_truths(m, T, c, spread)
     narrow = np.mean(targets_only) / np.std(lds_means, ddof=1)
     assert 0.7 < ratio < 1.4 and 0.7 < ceiling_ratio < 1.4, (ratio, ceiling_ratio)
     assert narrow < (0.7 if c < 0.9 else 0.2), narrow
+
+
+def test_fixed_seed_ground_truth_is_one_run_with_examples_weighted_out(smoke, tmp_path):
+    """Chapter 05's single-model counterfactual: every subset is the same training run (one seed: initialisation and
+    batch order) with the dropped examples weighted 0; the outputs are exactly those of train.train_weighted, the
+    build is cached and resumable, and a bad drop fraction is refused."""
+    from course_lib import data as D, train
+
+    cfg = smoke.replace(n_train=60, ensemble_size=3)
+    data = D.mnist5k(n_train=60, n_targets=4)
+    gt = lds.build_fixed_seed_ground_truth(cfg, data, drop=0.1, m=5, cache=tmp_path, progress=False)
+    assert gt.outputs.shape == (5, 1, len(data.y_test)) and gt.k == 1
+    assert (gt.masks.sum(1) == 54).all()  # 10% of 60 dropped from every subset
+    seed = gt.spec["seed"]
+    direct = train.train_weighted(cfg, data, gt.masks[3].float(), seed).outputs(data.x_test, data.y_test)[0]
+    # trained alone here, three side by side in the build: equal up to float arithmetic (as test_train's ensemble)
+    assert torch.allclose(direct, gt.outputs[3, 0], rtol=0, atol=5e-6 * float(direct.abs().max()))
+    shuffled = train.train_weighted(cfg, data, gt.masks[2].float(), seed).outputs(data.x_test, data.y_test)[0]
+    assert not torch.allclose(shuffled, gt.outputs[3, 0], rtol=0, atol=5e-6 * float(direct.abs().max()))
+    again = lds.build_fixed_seed_ground_truth(cfg, data, drop=0.1, m=5, cache=tmp_path, progress=False)
+    assert torch.equal(again.outputs, gt.outputs) and again.spec == gt.spec
+    other = lds.build_fixed_seed_ground_truth(cfg, data, drop=0.5, m=2, cache=tmp_path, progress=False)
+    assert (other.masks.sum(1) == 30).all() and other.spec["seed"] == seed  # same run, other counterfactuals
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="drop"):
+            lds.build_fixed_seed_ground_truth(cfg, data, drop=bad, m=2, cache=tmp_path, progress=False)
