@@ -43,6 +43,20 @@ def check_lds_above(score, baseline, margin: float, what: str) -> float:
     return score.mean - base
 
 
+def check_no_information(score, max_half_width: float, what: str) -> float:
+    """An LDS ``score`` (an ``lds.Score``) that should carry no information (random scores): its 95% interval
+    contains 0 and is narrower than 2 x ``max_half_width`` (so that 'contains 0' is not won by a useless, wide
+    interval). Fails for scores that do predict (interval above 0) and for a ground truth too small to tell.
+    Returns the mean."""
+    lo, hi = score.ci
+    if not lo <= 0 <= hi:
+        raise AssertionError(f"{what}: LDS {score!r} excludes 0: these scores were expected to carry no information")
+    if not (hi - lo) / 2 <= max_half_width:
+        raise AssertionError(f"{what}: LDS interval {score!r} is wider than +-{max_half_width:g}: too few subsets "
+                             "or targets to tell")
+    return score.mean
+
+
 def check_not_decreasing(values, slack: float, what: str):
     """A curve that should not fall (e.g. LDS against the number of ensembled models): no value is below an
     earlier one by more than ``slack``."""

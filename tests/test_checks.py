@@ -26,6 +26,21 @@ def test_check_lds_above_passes_the_true_scores_and_fails_broken_ones():
     with pytest.raises(AssertionError):  # a Score as the baseline: the same scores do not beat themselves
         checks.check_lds_above(good, good, 0.0, "itself")
 
+def test_check_no_information_passes_random_scores_and_fails_predictive_or_vague_ones():
+    g = torch.Generator().manual_seed(1)
+    n, m, T = 80, 120, 6
+    masks = torch.rand(m, n, generator=g) < 0.5
+    w = torch.randn(n, T, generator=g, dtype=torch.float64)
+    outputs = (masks.double() @ w + 2.0 * torch.randn(m, T, generator=g, dtype=torch.float64))[:, None]
+    gt = GroundTruth(masks, outputs.float(), torch.ones(m, 1), torch.arange(T), {}, 0.0)
+    random = lds.lds(torch.randn(n, T, generator=g), gt)
+    assert checks.check_no_information(random, 0.3, "random") == pytest.approx(random.mean)
+    with pytest.raises(AssertionError, match="excludes 0"):
+        checks.check_no_information(lds.lds(w, gt), 0.3, "the true datamodel")
+    with pytest.raises(AssertionError, match="wider"):
+        checks.check_no_information(random, 0.01, "random")
+
+
 def test_check_small_and_not_decreasing():
     assert checks.check_small(1e-12, 1e-8, "difference") == 1e-12
     for bad in (1e-3, float("nan"), float("inf")):
