@@ -83,20 +83,29 @@ def build_ground_truth(cfg: Setting, data: Data, cache=None, progress: bool = Tr
     """Load the setting's ground truth from the cache, or build it (resuming any interrupted build)."""
     spec = ground_truth_spec(cfg)
     folder = cache_dir(cache) / f"gt_{cfg.recipe()['dataset']}_{cache_key(spec)}"
+
+    def build():
+        m, k = cfg.gt_subsets, cfg.gt_models
+        masks = subset_masks(data.n_train, m, cfg.alpha, cfg.gt_seed)
+        seeds = model_seeds(m, k, cfg.gt_seed)
+        outputs, acc, seconds = train_outputs(cfg, data, masks.repeat_interleave(k, 0), seeds.flatten(), folder,
+                                              f"ground truth: {m * k} models", progress,
+                                              name=lambda i: f"ground-truth subset {i // k}, replicate {i % k}")
+        return GroundTruth(masks, outputs.view(m, k, -1), acc.view(m, k), data.target_idx.clone(), spec, seconds)
+    return _cached(folder, spec, build)
+
+
+def _cached(folder, spec: dict, build) -> GroundTruth:
+    """The ground truth stored in ``folder`` (refused when it was built for another spec), or ``build()`` it, store
+    it atomically and drop the chunk files it was built from."""
     final = folder / "ground_truth.pt"
     if final.exists():
         stored = torch.load(final, weights_only=True)
         if stored.get("spec") != spec:
-            raise ValueError(f"{final} was built for {stored.get('spec')}, not for this setting's {spec}: the "
-                             f"folder has foreign content. Delete {folder} (or run `make clean-cache`).")
+            raise ValueError(f"{final} was built for {stored.get('spec')}, not for {spec}: the folder has foreign "
+                             f"content. Delete {folder} (or run `make clean-cache`).")
         return GroundTruth(**stored)
-    m, k = cfg.gt_subsets, cfg.gt_models
-    masks = subset_masks(data.n_train, m, cfg.alpha, cfg.gt_seed)
-    seeds = model_seeds(m, k, cfg.gt_seed)
-    outputs, acc, seconds = train_outputs(cfg, data, masks.repeat_interleave(k, 0), seeds.flatten(), folder,
-                                          f"ground truth: {m * k} models", progress,
-                                          name=lambda i: f"ground-truth subset {i // k}, replicate {i % k}")
-    gt = GroundTruth(masks, outputs.view(m, k, -1), acc.view(m, k), data.target_idx.clone(), spec, seconds)
+    gt = build()
     atomic_save(asdict(gt), final)
     for p in folder.glob("part_*.pt"):
         p.unlink()
@@ -125,22 +134,14 @@ def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int 
     seed = int(model_seeds(1, 1, cfg.gt_seed, stream="fixed-seed")[0, 0]) if seed is None else int(seed)
     spec = fixed_seed_spec(cfg, drop, m, seed)
     folder = cache_dir(cache) / f"gt_fixed_{cfg.recipe()['dataset']}_{cache_key(spec)}"
-    final = folder / "ground_truth.pt"
-    if final.exists():
-        stored = torch.load(final, weights_only=True)
-        if stored.get("spec") != spec:
-            raise ValueError(f"{final} was built for {stored.get('spec')}, not for {spec}: foreign content. "
-                             f"Delete {folder} (or run `make clean-cache`).")
-        return GroundTruth(**stored)
-    masks = subset_masks(data.n_train, m, 1 - drop, cfg.gt_seed, stream=f"fixed-seed-{drop}")
-    outputs, acc, seconds = train_outputs(cfg, data, masks, torch.full((m,), seed), folder,
-                                          f"fixed-seed ground truth, drop {drop:g}: {m} models", progress,
-                                          name=lambda i: f"fixed-seed subset {i}", fixed_order=True)
-    gt = GroundTruth(masks, outputs.view(m, 1, -1), acc.view(m, 1), data.target_idx.clone(), spec, seconds)
-    atomic_save(asdict(gt), final)
-    for p in folder.glob("part_*.pt"):
-        p.unlink()
-    return gt
+
+    def build():
+        masks = subset_masks(data.n_train, m, 1 - drop, cfg.gt_seed, stream=f"fixed-seed-{drop}")
+        outputs, acc, seconds = train_outputs(cfg, data, masks, torch.full((m,), seed), folder,
+                                              f"fixed-seed ground truth, drop {drop:g}: {m} models", progress,
+                                              name=lambda i: f"fixed-seed subset {i}", fixed_order=True)
+        return GroundTruth(masks, outputs.view(m, 1, -1), acc.view(m, 1), data.target_idx.clone(), spec, seconds)
+    return _cached(folder, spec, build)
 
 
 @dataclass
