@@ -118,6 +118,13 @@ def fixed_seed_spec(cfg: Setting, drop: float, m: int, seed: int) -> dict:
             "seed": seed, "mask_seed": cfg.gt_seed}
 
 
+def fixed_seed(cfg: Setting) -> int:
+    """The training seed of the fixed-seed ground truth (the first of the stream "fixed-seed" for ``cfg.gt_seed``):
+    record or train the attributed run with it (``train.record_training(cfg, data, lds.fixed_seed(cfg))``) so that
+    dropping nothing reproduces it exactly."""
+    return int(model_seeds(1, 1, cfg.gt_seed, stream="fixed-seed")[0, 0])
+
+
 def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int | None = None,
                                   seed: int | None = None, cache=None, progress: bool = True) -> GroundTruth:
     """The single-model counterfactual ground truth (chapter 05): ONE training seed (initialisation and batch order
@@ -125,13 +132,13 @@ def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int 
     training pool (weight 0 in ``train.train_weighted``: the same batches, the same initialisation), one model per
     subset (k = 1). Seed noise is absent by construction, so its ceiling is 1 up to float arithmetic; what it
     measures is the effect of the data on THIS training run. seed: default the first seed of the stream
-    "fixed-seed" (``model_seeds``). Cached and resumable like ``build_ground_truth``; score it with ``lds``.
+    "fixed-seed" (``fixed_seed``). Cached and resumable like ``build_ground_truth``; score it with ``lds``.
     Raises ValueError for ``drop`` outside (0, 1) or one that leaves a subset empty or whole."""
     drop = float(drop)
     if not 0 < drop < 1:
         raise ValueError(f"drop must be a fraction in (0, 1), got {drop}")
     m = cfg.gt_subsets if m is None else int(m)
-    seed = int(model_seeds(1, 1, cfg.gt_seed, stream="fixed-seed")[0, 0]) if seed is None else int(seed)
+    seed = fixed_seed(cfg) if seed is None else int(seed)
     spec = fixed_seed_spec(cfg, drop, m, seed)
     folder = cache_dir(cache) / f"gt_fixed_{cfg.recipe()['dataset']}_{cache_key(spec)}"
 
@@ -310,6 +317,11 @@ def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0, part:
     part: "tune" or "eval" scores only that part of the T columns (``target_part``); None: all of them.
     Raises ValueError on a wrong shape, non-finite scores or non-finite ground-truth outputs.
     """
+    pred, actual = _predicted_and_actual(scores, gt, targets, models, part)
+    return two_way_bootstrap([pred, actual], [(0, 1)], n_boot=n_boot, seed=seed)[0]
+
+
+def _predicted_and_actual(scores, gt: GroundTruth, targets, models, part):
     scores = torch.as_tensor(scores)
     targets = gt.target_idx if targets is None else torch.as_tensor(targets)
     n = gt.masks.shape[1]
@@ -321,8 +333,31 @@ def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0, part:
     cols = target_part(len(targets), part)
     actual = gt.target_outputs(targets[cols], models)
     _check_outputs(actual)
-    pred = predictions(scores[:, cols], gt.masks)
-    return two_way_bootstrap([pred, actual], [(0, 1)], n_boot=n_boot, seed=seed)[0]
+    return predictions(scores[:, cols], gt.masks), actual
+
+
+@dataclass
+class Tuned:
+    """The outcome of ``tune``: choice (the chosen key), tuning ({key: LDS point estimate on the tuning targets},
+    every candidate) and reported (the chosen candidate's ``Score`` on the evaluation targets)."""
+    choice: object
+    tuning: dict
+    reported: Score
+
+
+def tune(candidates: dict, gt: GroundTruth, seed: int = 0, n_boot: int = 2000) -> Tuned:
+    """Honest tuning in one call: choose among ``candidates`` ({key: (n_train, T) scores}, e.g. one per damping)
+    the one with the highest LDS on the tuning targets (point estimates; the first key wins a tie), and report its
+    LDS on the evaluation targets with the two-way interval (``lds(..., part="eval")``). The evaluation targets never
+    influence the choice. Raises ValueError on an empty dict and as ``lds`` on malformed scores."""
+    if not candidates:
+        raise ValueError("tune needs at least one candidate: {key: scores}")
+    tuning = {}
+    for key, sc in candidates.items():
+        pred, actual = _predicted_and_actual(sc, gt, None, None, "tune")
+        tuning[key] = float(spearman_columns(pred.numpy(), actual.numpy()).mean())
+    choice = max(tuning, key=tuning.get)  # max returns the first maximal key
+    return Tuned(choice, tuning, lds(candidates[choice], gt, seed=seed, part="eval", n_boot=n_boot))
 
 
 def ceiling(r, k: int):

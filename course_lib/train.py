@@ -346,6 +346,14 @@ class Trajectory:
         """The full state (parameters and buffers) before step t, for ``functional_call(net, state, x)``."""
         return {**self.params_at(t), **self.buffers}
 
+    def as_models(self) -> Models:
+        """The trained model (after the last step) as a one-model ``Models`` (seed ``seed``, mask: the examples with
+        nonzero weight), for the methods that attribute a final model (influence functions, EK-FAC, TRAK)."""
+        final = self.params_at(self.steps)
+        return Models(self.net, {k: v.clone()[None] for k, v in final.items()},
+                      {k: v.clone()[None] for k, v in self.buffers.items()}, torch.tensor([self.seed]),
+                      (self.weights != 0)[None].cpu(), [], self.lrs)
+
     def checkpoint_steps(self, k: int) -> list[int]:
         """k evenly spaced steps 1..steps (the last is the trained model), spaced as ``train_models``' checkpoints:
         ``[traj.state_at(s) for s in traj.checkpoint_steps(k)]`` are the states TracIn and SOURCE use."""

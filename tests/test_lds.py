@@ -376,3 +376,24 @@ def test_fixed_seed_ground_truth_is_one_run_with_examples_weighted_out(smoke, tm
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="drop"):
             lds.build_fixed_seed_ground_truth(cfg, data, drop=bad, m=2, cache=tmp_path, progress=False)
+
+
+def test_tune_chooses_on_the_tuning_targets_and_reports_the_evaluation_targets():
+    tau, gt = _planted(T=6)
+    tune_cols, eval_cols = lds.target_part(6, "tune"), lds.target_part(6, "eval")
+    # "leaky" is perfect on the tuning targets and reversed on the evaluation targets; "honest" is a noisy truth
+    leaky = tau.clone()
+    leaky[:, eval_cols] *= -1
+    honest = tau + 0.5 * torch.randn(tau.shape, generator=torch.Generator().manual_seed(1))
+    out = lds.tune({"honest": honest, "leaky": leaky}, gt)
+    assert out.choice == "leaky"  # the evaluation targets never enter the choice
+    assert out.tuning["leaky"] == pytest.approx(1.0, abs=1e-9) and out.tuning["honest"] < 1
+    assert out.reported.mean == pytest.approx(-1.0, abs=1e-9)  # ... and the report shows what it is worth there
+    assert out.reported.mean == pytest.approx(lds.lds(leaky, gt, part="eval").mean)
+    assert out.tuning["honest"] == pytest.approx(lds.lds(honest, gt, part="tune").mean)
+    # ties go to the first key; bad input is refused
+    assert lds.tune({"a": tau, "b": 2 * tau}, gt).choice == "a"
+    with pytest.raises(ValueError, match="at least one"):
+        lds.tune({}, gt)
+    with pytest.raises(ValueError, match="shape"):
+        lds.tune({"x": tau[:, :3]}, gt)

@@ -55,6 +55,11 @@ def test_dropping_nothing_reproduces_full_data_model(toy):
     rec = train.record_training(cfg, toy, 7)
     assert torch.equal(rec.thetas[-1], grads.flatten(full.params_of(0)))
     assert rec.thetas.shape == (rec.steps + 1, grads.flatten(full.params_of(0)).numel())
+    as_models = rec.as_models()  # the recorded run's trained model, for the methods that attribute a final model
+    assert int(as_models.seeds[0]) == 7 and as_models.masks.all()
+    for k in full.params:
+        assert torch.equal(as_models.params[k], full.params[k])
+    assert torch.equal(as_models.outputs(toy.x_targets, toy.y_targets), full.outputs(toy.x_targets, toy.y_targets))
 
 
 def test_fixed_seed_subset_retraining_is_deterministic_and_keeps_batches(toy):
@@ -159,6 +164,14 @@ def test_truncated_unrolling_and_chunks(toy, momentum_run):
     assert (part.scores != 0).any(1).all() and rel(part.scores, scores) > 1e-2
     first = unroll.unrolled_scores(traj, toy.x_train, toy.y_train, toy.x_targets, toy.y_targets, last=1).scores
     assert (first.abs().sum(1) > 0).sum() == len(traj.batches[-1])
+    # one walk with snapshots gives every truncation: each equals a separate run with last=K
+    walk = unroll.unrolled_scores(traj, toy.x_train, toy.y_train, toy.x_targets, toy.y_targets, snapshots=[1, 3])
+    assert torch.allclose(walk.scores, scores, rtol=0, atol=1e-12)
+    assert torch.allclose(walk.truncated[3], part.scores, rtol=0, atol=1e-12)
+    assert torch.allclose(walk.truncated[1], first, rtol=0, atol=1e-12)
+    assert walk.truncated_seconds[1] <= walk.truncated_seconds[3] <= walk.seconds
+    with pytest.raises(ValueError, match="snapshots"):
+        unroll.unrolled_scores(traj, toy.x_train, toy.y_train, toy.x_targets, toy.y_targets, last=2, snapshots=[3])
 
 
 def test_plain_sgd_equals_the_product_formula(toy):

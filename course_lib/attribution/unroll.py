@@ -46,7 +46,7 @@ unrolling to the latest steps.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call, grad, vjp, vmap
@@ -60,11 +60,15 @@ from ..train import Trajectory
 @dataclass
 class Unrolled:
     """scores: (n_train, T) d f_t(theta_T) / d w_i (course convention); seconds: wall time; steps: the number of
-    training steps differentiated through (the last ones); targets: T."""
+    training steps differentiated through (the last ones); targets: T. truncated: {K: (n_train, T)} the scores of
+    unrolling only the last K steps, for each K asked for in ``snapshots`` (free by-products of the backward walk);
+    truncated_seconds: {K: the wall time the walk had taken when it reached K}."""
     scores: torch.Tensor
     seconds: float
     steps: int
     targets: int
+    truncated: dict = field(default_factory=dict)
+    truncated_seconds: dict = field(default_factory=dict)
 
 
 def _check(traj: Trajectory, x_train, y_train, x_targets, y_targets, target_fn: str, last):
@@ -123,7 +127,7 @@ def step_pullback(traj: Trajectory, t: int, x_train, y_train):
 
 
 def unrolled_scores(traj: Trajectory, x_train, y_train, x_targets, y_targets, *, target_fn: str = "margin",
-                    last: int | None = None, chunk: int = 20, progress: bool = False) -> Unrolled:
+                    last: int | None = None, snapshots=(), chunk: int = 20, progress: bool = False) -> Unrolled:
     """score[i, t] = d f_t(theta_T) / d w_i for every training example i and target t, exactly, by reverse-mode
     differentiation through the recorded run ``traj`` (see the module docstring for the recursion).
 
@@ -131,7 +135,9 @@ def unrolled_scores(traj: Trajectory, x_train, y_train, x_targets, y_targets, *,
     y_targets (T,): the targets; f_t is their ``target_fn`` ('margin' (log-odds) or 'loss' (nats)) at the trained
     parameters theta_T, in eval mode. Units: f's units per unit of weight (a weight of 1 is one example).
     last: differentiate through the last ``last`` steps only (truncated unrolling: theta_{T-last} held fixed);
-    None: every step, the exact derivative. chunk: targets per vmapped Hessian product (memory ~ chunk x batch
+    None: every step, the exact derivative. snapshots: step counts K (each in 1..steps, at most ``last``) at which
+    to keep a copy of the scores accumulated so far: the walk goes backwards from the end, so after K steps it holds
+    exactly the scores of ``last=K`` (``Unrolled.truncated[K]``); one walk gives the whole truncation curve. chunk: targets per vmapped Hessian product (memory ~ chunk x batch
     activations; 20 was fastest for the course CNN on an idle 2-core CPU). All targets are carried together through
     each step. Cost: per step, one forward and backward pass of the batch plus T Hessian-vector products on it (about
     0.6 s for T = 200 on an idle 2-core CPU; on a CPU shared with other jobs, torch.set_num_threads(1) can be faster).
@@ -142,6 +148,10 @@ def unrolled_scores(traj: Trajectory, x_train, y_train, x_targets, y_targets, *,
     _check(traj, x_train, y_train, x_targets, y_targets, target_fn, last)
     if not (isinstance(chunk, int) and chunk >= 1):
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
+    depth = traj.steps if last is None else last
+    snapshots = sorted({int(k) for k in snapshots})
+    if snapshots and not (1 <= snapshots[0] and snapshots[-1] <= depth):
+        raise ValueError(f"snapshots must be step counts in 1..{depth} (the steps unrolled), got {snapshots}")
     t_start = time.perf_counter()
     net = traj.net.eval()
     dtype = traj.thetas.dtype
@@ -154,6 +164,7 @@ def unrolled_scores(traj: Trajectory, x_train, y_train, x_targets, y_targets, *,
     a_m = torch.zeros_like(a_th)
     T = a_th.shape[0]
     scores = torch.zeros(traj.n_train, T, dtype=dtype, device=a_th.device)
+    truncated, truncated_seconds = {}, {}
     for t in tqdm(range(steps - 1, first - 1, -1), disable=not progress, leave=False, desc="unrolling"):
         lr = float(traj.lrs[t])
         a_bar = a_m - (lr * mu) * a_th   # total cotangent of m_{t+1} (it also enters theta_{t+1} = ... - lr mu m_{t+1})
@@ -167,8 +178,11 @@ def unrolled_scores(traj: Trajectory, x_train, y_train, x_targets, y_targets, *,
         a_th = a_th + torch.cat(hc) + wd * c
         a_m = mu * a_bar
         scores.index_add_(0, traj.batches[t].to(scores.device), torch.cat(dw).T)
+        if steps - t in snapshots:
+            truncated[steps - t] = grads.check_finite(scores.clone(), f"unrolled scores (last {steps - t} steps)")
+            truncated_seconds[steps - t] = time.perf_counter() - t_start
     grads.check_finite(scores, "unrolled scores")
-    return Unrolled(scores, time.perf_counter() - t_start, steps - first, T)
+    return Unrolled(scores, time.perf_counter() - t_start, steps - first, T, truncated, truncated_seconds)
 
 
 def product_formula(traj: Trajectory, x_train, y_train, x_targets, y_targets,
