@@ -100,3 +100,64 @@ def check_agreement(ours, theirs, min_rho: float = 0.99) -> float:
     if not rho > min_rho:
         raise AssertionError(f"score agreement (mean per-target Spearman) {rho:.4f} <= {min_rho}")
     return rho
+
+
+def check_lds_invariances(lds_of, scores, scale: float = 3.0, offset=2.0, tol: float = 1e-9) -> float:
+    """The LDS scores by rank: ``lds_of`` (a function of scores (n_train, T) that returns an ``lds.Score`` or a
+    number, e.g. ``lambda s: lds.lds(s, gt, part="eval")``) gives ``scale * scores + offset`` (scale > 0; offset a
+    number or one per target, shape (T,)) the same LDS as ``scores``, and ``-scores`` the opposite LDS, both within
+    ``tol``. (Every subset has the same size, so an offset moves every subset's prediction by the same amount.)
+    The LDS of ``scores`` must not be 0 (within 10 x tol), or the sign test would pass for any implementation.
+    Fails for a score that is not a correlation (a covariance or an error grows with the scale), one that ignores
+    the sign (a squared correlation) and one that does not look at the scores. A Pearson correlation passes: it
+    has the same invariances. Returns the LDS of ``scores``."""
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    s = torch.as_tensor(scores).double()
+    value = lambda x: float(getattr(x, "mean", x))
+    base = value(lds_of(s))
+    if not abs(base) > 10 * tol:  # also fails for NaN
+        raise AssertionError(f"the LDS of the scores is {base:.3g}: the invariance checks need scores whose LDS is "
+                             "not 0")
+    moved = value(lds_of(scale * s + torch.as_tensor(offset, dtype=torch.float64)))
+    if not abs(moved - base) <= tol:
+        raise AssertionError(f"LDS changed under rescaling by {scale:g} and an offset: {base:.6f} -> {moved:.6f}; "
+                             "the LDS must depend on the ranks of the predictions only")
+    flipped = value(lds_of(-s))
+    if not abs(flipped + base) <= tol:
+        raise AssertionError(f"LDS of -scores is {flipped:.6f}, not -{base:.6f}: a flipped sign must flip the LDS")
+    return base
+
+
+def check_models_learned(accuracy, min_mean: float, what: str = "ground-truth models") -> float:
+    """The models behind a ground truth learned: their test accuracies (any shape, e.g. ``gt.accuracy`` (m, k))
+    are finite and their mean is above ``min_mean``. Fails for an untrained (chance-level) or diverged ground
+    truth. Returns the mean accuracy."""
+    acc = torch.as_tensor(accuracy).double()
+    if not torch.isfinite(acc).all():
+        raise AssertionError(f"{what}: test accuracies contain NaN or infinite values")
+    mean = float(acc.mean())
+    if not mean > min_mean:
+        raise AssertionError(f"{what}: mean test accuracy {mean:.3f} <= {min_mean:g}: were they trained?")
+    return mean
+
+
+def check_noise_ceiling(ceilings: dict, tol: float = 1e-6) -> float:
+    """Seed noise in a ground truth is real but partial, and the ceilings are in order. ``ceilings`` is the dict
+    of ``lds.noise_ceiling``: models trained with different seeds on the same subsets agree (the 95% interval of
+    ``one_vs_one``, r, lies above 0) but not completely (r < 1 - tol), and 0 <= ceiling_1 <= ceiling_k <= 1
+    (means: averaging k seeds can only raise the ceiling). Fails for an untrained or misaligned ground truth
+    (r about 0), replicates that are one model (r = 1) and swapped or wrongly computed ceilings.
+    Returns the mean of ceiling_k."""
+    r = ceilings["one_vs_one"]
+    c1, ck = (float(getattr(ceilings[key], "mean", ceilings[key])) for key in ("ceiling_1", "ceiling_k"))
+    if not r.ci[0] > 0:
+        raise AssertionError(f"seeds do not agree: one-vs-one r = {r!r} does not exclude 0; the ground truth's "
+                             "outputs do not depend on the subsets (untrained models, misaligned outputs?)")
+    if not r.mean < 1 - tol:
+        raise AssertionError(f"one-vs-one r = {r.mean:.6f}: the replicate models agree perfectly; are they trained "
+                             "with different seeds?")
+    if not 0 <= c1 <= ck <= 1:  # also fails for NaN
+        raise AssertionError(f"noise ceilings out of order: need 0 <= ceiling_1 ({c1:.3f}) <= ceiling_k ({ck:.3f}) "
+                             "<= 1")
+    return ck

@@ -75,3 +75,74 @@ def test_curvature_and_agreement_checks_fail_on_broken_inputs():
     assert r > 0.9
     with pytest.raises(AssertionError, match="Pearson"):
         checks.check_predicts_retraining(-a[:, 0], a[:, 0], 0.5)  # a flipped sign fails
+
+
+def _planted_gt(n=60, m=100, T=8, k=4, noise=2.0, seed=2):
+    """A small planted ground truth: (true scores w, GroundTruth with k noisy replicates of masks @ w)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = lds.subset_masks(n, m, 0.5, seed)
+    w = torch.randn(n, T, generator=g, dtype=torch.float64)
+    outputs = (masks.double() @ w)[:, None, :] + noise * torch.randn(m, k, T, generator=g, dtype=torch.float64)
+    return w, GroundTruth(masks, outputs.float(), torch.full((m, k), 0.95), torch.arange(T), {}, 0.0)
+
+
+def test_check_lds_invariances_passes_the_rank_based_lds_and_fails_broken_ones():
+    w, gt = _planted_gt()
+    good = lambda s: lds.lds(s, gt, n_boot=50)
+    assert checks.check_lds_invariances(good, w) == pytest.approx(good(w).mean)
+    checks.check_lds_invariances(good, w, scale=0.5, offset=torch.linspace(-3, 3, w.shape[1]))  # per-target offsets
+    assert checks.check_lds_invariances(good, -w) < 0  # a negative LDS passes too: it is still rank based
+
+    def columns(s):
+        return lds.predictions(torch.as_tensor(s), gt.masks).numpy(), gt.target_outputs().double().numpy()
+
+    def covariance(s):  # not a correlation: grows with the scale of the scores
+        p, a = columns(s)
+        return float(((p - p.mean(0)) * (a - a.mean(0))).mean())
+
+    def neg_mse(s):  # an error, not a rank statistic: moved by the offset and the scale
+        p, a = columns(s)
+        return float(-((p - a) ** 2).mean())
+
+    def squared_spearman(s):  # blind to the sign
+        p, a = columns(s)
+        return float((lds.spearman_columns(p, a) ** 2).mean())
+
+    for broken in (covariance, neg_mse):
+        with pytest.raises(AssertionError, match="rescaling"):
+            checks.check_lds_invariances(broken, w)
+    with pytest.raises(AssertionError, match="-scores"):
+        checks.check_lds_invariances(squared_spearman, w)
+    with pytest.raises(AssertionError, match="not 0"):  # an 'LDS' that never looks at the scores
+        checks.check_lds_invariances(lambda s: 0.0, w)
+    with pytest.raises(ValueError, match="positive"):
+        checks.check_lds_invariances(good, w, scale=-1.0)
+
+
+def test_check_models_learned_fails_an_untrained_or_diverged_ground_truth():
+    _, gt = _planted_gt()
+    assert checks.check_models_learned(gt.accuracy, 0.75) == pytest.approx(0.95)
+    with pytest.raises(AssertionError, match="were they trained"):
+        checks.check_models_learned(torch.full((100, 4), 0.1), 0.75)  # chance level on 10 classes
+    diverged = gt.accuracy.clone()
+    diverged[3, 1] = float("nan")
+    with pytest.raises(AssertionError, match="NaN"):
+        checks.check_models_learned(diverged, 0.75)
+
+
+def test_check_noise_ceiling_fails_noise_outputs_identical_seeds_and_swapped_ceilings():
+    _, gt = _planted_gt()
+    nc = lds.noise_ceiling(gt, n_boot=200)
+    assert checks.check_noise_ceiling(nc) == pytest.approx(nc["ceiling_k"].mean)
+    assert 0 < nc["one_vs_one"].mean < 1
+    g = torch.Generator().manual_seed(5)  # untrained: outputs that do not depend on the subsets
+    untrained = GroundTruth(gt.masks, torch.randn(gt.outputs.shape, generator=g), gt.accuracy, gt.target_idx, {}, 0.0)
+    with pytest.raises(AssertionError, match="does not exclude 0"):
+        checks.check_noise_ceiling(lds.noise_ceiling(untrained, n_boot=200))
+    one_model = GroundTruth(gt.masks, gt.outputs[:, :1].expand(-1, gt.k, -1).clone(), gt.accuracy, gt.target_idx, {},
+                            0.0)  # k copies of one model
+    with pytest.raises(AssertionError, match="agree perfectly"):
+        checks.check_noise_ceiling(lds.noise_ceiling(one_model, n_boot=200))
+    swapped = {**nc, "ceiling_1": nc["ceiling_k"], "ceiling_k": nc["ceiling_1"]}
+    with pytest.raises(AssertionError, match="out of order"):
+        checks.check_noise_ceiling(swapped)
