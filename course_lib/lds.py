@@ -134,8 +134,7 @@ def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int 
     chunks of ``cfg.ensemble_size`` models) gives the same margins bit for bit. Float round-off is not negligible:
     the course CNN's recipe amplifies it, and the same subsets retrained in chunks of another size moved the margins
     by a median 0.43 log-odds (chapter 05 measures it). What it measures is the effect of the data on THIS training
-    run. seed: default the first seed of the stream
-    "fixed-seed" (``fixed_seed``). Cached and resumable like ``build_ground_truth``; score it with ``lds``.
+    run. seed: default ``fixed_seed(cfg)``. Cached and resumable like ``build_ground_truth``; score it with ``lds``.
     Raises ValueError for ``drop`` outside (0, 1) or one that leaves a subset empty or whole."""
     drop = float(drop)
     if not 0 < drop < 1:

@@ -137,8 +137,9 @@ def unrolled_scores(traj: Trajectory, x_train, y_train, x_targets, y_targets, *,
     last: differentiate through the last ``last`` steps only (truncated unrolling: theta_{T-last} held fixed);
     None: every step, the exact derivative. snapshots: step counts K (each in 1..steps, at most ``last``) at which
     to keep a copy of the scores accumulated so far: the walk goes backwards from the end, so after K steps it holds
-    exactly the scores of ``last=K`` (``Unrolled.truncated[K]``); one walk gives the whole truncation curve. chunk: targets per vmapped Hessian product (memory ~ chunk x batch
-    activations; 20 was fastest for the course CNN on an idle 2-core CPU). All targets are carried together through
+    exactly the scores of ``last=K`` (``Unrolled.truncated[K]``); one walk gives the whole truncation curve.
+    chunk: targets per vmapped Hessian product (memory ~ chunk x batch activations; 20 was fastest for the course
+    CNN on an idle 2-core CPU). All targets are carried together through
     each step. Cost: per step, one forward and backward pass of the batch plus T Hessian-vector products on it (about
     0.6 s for T = 200 on an idle 2-core CPU; on a CPU shared with other jobs, torch.set_num_threads(1) can be faster).
 
