@@ -287,7 +287,9 @@ def test_cached_scores_equal_a_direct_computation_and_are_read_back(smoke, smoke
     data = D.mnist5k(n_train=120, n_targets=10)
     models = train.reference_models(cfg, data, 1, cache=tmp_path)
     kw = dict(dampings=[0.1, 1.0], iters=4, hessian_n=50, cache=tmp_path)
+    assert inf.cached_scores(cfg, data, models, only_cached=True, **kw) is None  # not on disk yet: nothing computed
     first = inf.cached_scores(cfg, data, models, **kw)
+    assert torch.equal(inf.cached_scores(cfg, data, models, only_cached=True, **kw).scores, first.scores)
     direct = inf.influence_scores(models.net, models.state_of(0), data.x_train, data.y_train, data.x_targets,
                                   data.y_targets, weight_decay=cfg.weight_decay, damping=[0.1, 1.0], solver="cg",
                                   iters=4, hessian_n=50, seed=cfg.seed)

@@ -312,7 +312,8 @@ CHAPTER01_SOLVE = {"smoke": {"iters": 4, "hessian_n": 100}, "cpu": {"iters": 10,
 
 
 def cached_scores(cfg, data, models, *, dampings=None, iters: int | None = None, hessian_n: int | None = None,
-                  model: int = 0, cache=None, train_grads: torch.Tensor | None = None) -> Influence:
+                  model: int = 0, cache=None, train_grads: torch.Tensor | None = None,
+                  only_cached: bool = False) -> Influence | None:
     """``influence_scores`` of reference model ``model`` for every target and every damping (multi-shift CG over
     the Hessian of a random ``hessian_n`` training examples, ``iters`` Krylov steps), cached on disk.
 
@@ -321,7 +322,8 @@ def cached_scores(cfg, data, models, *, dampings=None, iters: int | None = None,
     reads it instead of repeating it. Unset arguments take chapter 01's defaults (``CHAPTER01_DAMPINGS``,
     ``CHAPTER01_SOLVE`` of the setting, the ``cpu`` budget for any other setting). ``seconds`` is the time the
     computation took when it ran (without the per-example training gradients when ``train_grads`` is given).
-    models: a ``train.Models`` (e.g. ``train.reference_models(cfg, data, n)``)."""
+    models: a ``train.Models`` (e.g. ``train.reference_models(cfg, data, n)``). only_cached: return None instead of
+    computing when the scores are not on disk (for a chapter that shows them only as a reference)."""
     from .. import cache as cache_mod
 
     budget = CHAPTER01_SOLVE.get(cfg.name, CHAPTER01_SOLVE["cpu"])
@@ -342,6 +344,8 @@ def cached_scores(cfg, data, models, *, dampings=None, iters: int | None = None,
         return {"scores": [res.by_damping[d].cpu() for d in dampings], "seconds": res.seconds,
                 "hvp_products": res.hvp_products}
 
+    if only_cached and not path.exists():
+        return None
     out = cache_mod.load_or_compute(path, compute, spec)
     by = dict(zip(dampings, out["scores"]))
     return Influence(by[dampings[0]], by, out["seconds"], out["hvp_products"])
