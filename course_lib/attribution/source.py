@@ -70,7 +70,7 @@ def filters(eigs: torch.Tensor, lr_sum: float, *, form: str = "exp", lr: float |
 
 def damping_ratio(eigs, lr_sum: float) -> torch.Tensor:
     """SOURCE's one-segment filter over damped influence's: (1 - exp(-s lambda)) / lambda * (lambda + 1/s), for
-    lambda >= 0. It lies in [1, 1.2985) (largest at s lambda = 1.79) and tends to 1 for s lambda -> 0 and
+    lambda >= 0. It lies in [1, 1.2985) and tends to 1 for s lambda -> 0 and
     s lambda -> infinity."""
     phi, _ = filters(torch.as_tensor(eigs, dtype=torch.float64), lr_sum)
     return phi * (torch.as_tensor(eigs, dtype=torch.float64) + 1 / lr_sum)
