@@ -161,3 +161,21 @@ def check_noise_ceiling(ceilings: dict, tol: float = 1e-6) -> float:
         raise AssertionError(f"noise ceilings out of order: need 0 <= ceiling_1 ({c1:.3f}) <= ceiling_k ({ck:.3f}) "
                              "<= 1")
     return ck
+
+
+def check_cv_gain(relative_cv_error, max_value: float, what: str, quantile: float = 0.5) -> float:
+    """A fitted regression (e.g. a datamodel) predicts held-out data better than its intercept alone:
+    ``relative_cv_error`` (one value per target: the cross-validated error at the chosen penalty divided by the
+    cross-validated error of predicting the mean) is finite and its ``quantile`` over targets (default the median;
+    a lower one where only some targets can be predicted, e.g. with few models) is below ``max_value`` (< 1).
+    Fails for a fit on outputs shuffled against the inputs (cross-validation then keeps no weight: ratio 1) and
+    for a diverged fit (NaN). Returns that quantile."""
+    r = torch.as_tensor(relative_cv_error).double().flatten()
+    if len(r) == 0 or not torch.isfinite(r).all():
+        raise AssertionError(f"{what}: relative cross-validated errors are empty or not finite")
+    value = float(r.quantile(quantile))
+    if not value < max_value:
+        raise AssertionError(f"{what}: the {quantile:g} quantile over targets of cross-validated error / error of "
+                             f"the mean = {value:.4f}, not below {max_value:g}: the fit does not predict held-out "
+                             "models better than their mean")
+    return value

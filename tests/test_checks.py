@@ -146,3 +146,28 @@ def test_check_noise_ceiling_fails_noise_outputs_identical_seeds_and_swapped_cei
     swapped = {**nc, "ceiling_1": nc["ceiling_k"], "ceiling_k": nc["ceiling_1"]}
     with pytest.raises(AssertionError, match="out of order"):
         checks.check_noise_ceiling(swapped)
+
+
+def test_check_cv_gain_passes_a_real_lasso_and_fails_shuffled_outputs_or_nan():
+    from course_lib.attribution import datamodels as dm
+
+    g = torch.Generator().manual_seed(3)
+    n, m, T = 40, 300, 4
+    masks = torch.rand(m, n, generator=g) < 0.5
+    w = torch.zeros(n, T)
+    w[:4] = 2.0 * torch.randn(4, T, generator=g)  # a sparse datamodel, as the LASSO assumes
+    outputs = masks.float() @ w + torch.randn(m, T, generator=g)
+
+    def relative(fit):
+        best = torch.nan_to_num(fit.cv_error, nan=float("inf")).argmin(1, keepdim=True)
+        return fit.cv_error.gather(1, best).squeeze(1) / fit.cv_error[:, 0]
+
+    good = relative(dm.fit_lasso(masks, outputs, cv=3))
+    assert checks.check_cv_gain(good, 0.9, "planted") < 0.5
+    shuffled = relative(dm.fit_lasso(masks, outputs[torch.randperm(m, generator=g)], cv=3))
+    for q in (0.25, 0.5):
+        with pytest.raises(AssertionError, match="not below"):
+            checks.check_cv_gain(shuffled, 0.9, "shuffled", quantile=q)
+    assert checks.check_cv_gain(good, 0.9, "planted", quantile=0.25) <= checks.check_cv_gain(good, 0.9, "planted")
+    with pytest.raises(AssertionError, match="not finite"):
+        checks.check_cv_gain(torch.tensor([0.5, float("nan")]), 0.9, "diverged")
