@@ -286,6 +286,15 @@ def knn_shapley_from_features(f_train, y_train, f_targets, y_targets, *, k: int 
     return scores
 
 
+def _knn_features(net, state, x_train, y_train, x_targets, y_targets, k, batch_size):
+    """The checked inputs of the kNN surrogates: (penultimate features of the training set, of the targets)."""
+    _head(net)
+    _check_pairs(x_train, y_train, x_targets, y_targets)
+    _check_k(k, len(x_train))
+    return (influence.features(net, state, x_train, batch_size),
+            influence.features(net, state, x_targets, batch_size))
+
+
 def knn_scores(net, state: dict, x_train, y_train, x_targets, y_targets, *, k: int = 10, metric: str = "cosine",
                batch_size: int = 1000) -> Surrogate:
     """The kNN surrogate's attribution: each target is predicted by the vote of its k nearest training examples
@@ -311,11 +320,7 @@ def knn_scores(net, state: dict, x_train, y_train, x_targets, y_targets, *, k: i
     or labels are not 1-D integer tensors matching the inputs; FloatingPointError for non-finite features.
     """
     t0 = time.perf_counter()
-    _head(net)
-    _check_pairs(x_train, y_train, x_targets, y_targets)
-    _check_k(k, len(x_train))
-    f_train = influence.features(net, state, x_train, batch_size)
-    f_targets = influence.features(net, state, x_targets, batch_size)
+    f_train, f_targets = _knn_features(net, state, x_train, y_train, x_targets, y_targets, k, batch_size)
     scores = knn_from_features(f_train, y_train, f_targets, y_targets, k=k, metric=metric)
     return Surrogate(scores, time.perf_counter() - t0)
 
@@ -337,10 +342,6 @@ def knn_shapley(net, state: dict, x_train, y_train, x_targets, y_targets, *, k: 
     2 s - min(k, N)/(k N): the same ranking, and the same LDS, since every LDS subset has the same size.
     metric and errors: as ``knn_scores``."""
     t0 = time.perf_counter()
-    _head(net)
-    _check_pairs(x_train, y_train, x_targets, y_targets)
-    _check_k(k, len(x_train))
-    f_train = influence.features(net, state, x_train, batch_size)
-    f_targets = influence.features(net, state, x_targets, batch_size)
+    f_train, f_targets = _knn_features(net, state, x_train, y_train, x_targets, y_targets, k, batch_size)
     scores = knn_shapley_from_features(f_train, y_train, f_targets, y_targets, k=k, metric=metric)
     return Surrogate(scores, time.perf_counter() - t0)
