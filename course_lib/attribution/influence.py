@@ -437,22 +437,11 @@ def logreg_hessian(net, params: dict, x, y, weight_decay: float = 0.0) -> torch.
 
     With p_i = softmax(W x_i + b) and A_i = diag(p_i) - p_i p_i^T (the Hessian of cross-entropy in the logits), the
     block of classes (c, d) is (1/n) sum_i A_i[c, d] x~_i x~_i^T with x~_i = (x_i, 1). Much cheaper than p HVPs.
+    It is the last-layer Hessian of ``surrogate.last_layer_hessian`` with the flattened pixels as features.
     """
-    W, b = params["linear.weight"], params["linear.bias"]
-    C, d = W.shape
-    xa = torch.cat([x.flatten(1), torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)  # (n, d+1)
-    prob = torch.softmax(xa[:, :d] @ W.T + b, 1)
-    A = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]  # (n, C, C)
-    H = torch.zeros(C, d + 1, C, d + 1, dtype=x.dtype, device=x.device)
-    for c in range(C):
-        for e in range(c, C):
-            block = (xa * A[:, c, e, None]).T @ xa / len(x)
-            H[c, :, e, :] = block
-            H[e, :, c, :] = block.T
-    H = H.reshape(C * (d + 1), C * (d + 1))
-    order = [c * (d + 1) + j for c in range(C) for j in range(d)] + [c * (d + 1) + d for c in range(C)]
-    order = torch.tensor(order, device=x.device)
-    return H[order][:, order] + weight_decay * torch.eye(C * (d + 1), dtype=x.dtype, device=x.device)
+    from .surrogate import last_layer_hessian
+
+    return last_layer_hessian(x.flatten(1), params["linear.weight"], params["linear.bias"], weight_decay)
 
 
 def logreg_example_factor(net, params: dict, x_i: torch.Tensor, n: int) -> torch.Tensor:
