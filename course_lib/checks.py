@@ -179,3 +179,67 @@ def check_cv_gain(relative_cv_error, max_value: float, what: str, quantile: floa
                              f"the mean = {value:.4f}, not below {max_value:g}: the fit does not predict held-out "
                              "models better than their mean")
     return value
+
+
+def _top_k_sources(scores, source_train, source_targets, k):
+    """Validated inputs of the same-source measures: (n_train, T) scores, (n_train,) and (T,) integer sources."""
+    s = torch.as_tensor(scores)
+    src_train, src_targets = torch.as_tensor(source_train), torch.as_tensor(source_targets)
+    if s.ndim != 2:
+        raise ValueError(f"scores must have shape (n_train, n_targets), got {tuple(s.shape)}")
+    n, T = s.shape
+    if src_train.shape != (n,):
+        raise ValueError(f"source_train must have shape (n_train,) = ({n},) to match the scores' rows, got "
+                         f"{tuple(src_train.shape)}; are the scores transposed?")
+    if src_targets.shape != (T,):
+        raise ValueError(f"source_targets must have shape (n_targets,) = ({T},) to match the scores' columns, got "
+                         f"{tuple(src_targets.shape)}; are the scores transposed?")
+    for name, src in (("source_train", src_train), ("source_targets", src_targets)):
+        if src.is_floating_point() or src.is_complex() or src.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer source (dataset) ids, got {src.dtype}")
+    if not (isinstance(k, int) and not isinstance(k, bool)) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer between 1 and n_train = {n}, got {k!r}")
+    if not torch.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return s, src_train.to(s.device), src_targets.to(s.device)
+
+
+def same_source_rate(scores, source_train, source_targets, k: int = 1) -> float:
+    """The cross-dataset sanity check's measure (Hammoudeh & Lowd 2022, the course text's [HL'22]): the fraction,
+    over targets and each target's top-k training examples (highest score = most raises its margin), of examples
+    from the target's own source (dataset).
+
+    scores: (n_train, n_targets), course convention; source_train: (n_train,) and source_targets: (n_targets,)
+    integer source ids (``data.digits_union``: 0 = MNIST, 1 = scikit-learn's 8x8 digits). Ties are broken by
+    ``torch.topk``. A ranking that ignores the sources scores, in expectation, the share of each target's source in
+    the training pool averaged over targets (``check_same_source``'s baseline). Raises ValueError for shapes that
+    do not match, non-integer sources, k outside 1..n_train or non-finite scores."""
+    s, src_train, src_targets = _top_k_sources(scores, source_train, source_targets, k)
+    top = s.topk(k, dim=0).indices  # (k, T)
+    return float((src_train[top] == src_targets[None, :]).double().mean())
+
+
+def check_same_source(scores, source_train, source_targets, k: int = 10, margin: float = 0.1) -> float:
+    """Hammoudeh & Lowd's (2022) cross-dataset check: trained on the union of two visibly different datasets, a
+    target's top-k training examples by score should come from the target's own dataset more often than a random
+    ranking's would. Passes when ``same_source_rate(scores, ..., k)`` exceeds the chance rate (the share of each
+    target's source in the training pool, averaged over targets) by more than ``margin``; returns the rate.
+    Fails for shuffled scores (at chance) and scores that favour the other source (below chance). Shapes as in
+    ``same_source_rate`` (ValueError when malformed)."""
+    s, src_train, src_targets = _top_k_sources(scores, source_train, source_targets, k)
+    rate = same_source_rate(s, src_train, src_targets, k)
+    chance = float((src_train[:, None] == src_targets[None, :]).double().mean())
+    if not rate > chance + margin:
+        raise AssertionError(f"cross-dataset check: {rate:.1%} of the targets' top-{k} training examples come from "
+                             f"the target's own dataset; a random ranking gives {chance:.1%}, and the check needs "
+                             f"more than {chance:.1%} + {margin:g}: the scores do not tell the datasets apart")
+    return rate
+
+
+def check_covers(found, required, what: str) -> int:
+    """Every item of ``required`` is in ``found`` (e.g. every method the course implements appears in chapter 07's
+    table). Returns the number of required items."""
+    missing = sorted(set(required) - set(found))
+    if missing:
+        raise AssertionError(f"{what}: missing {missing}")
+    return len(set(required))

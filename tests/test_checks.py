@@ -171,3 +171,54 @@ def test_check_cv_gain_passes_a_real_lasso_and_fails_shuffled_outputs_or_nan():
     assert checks.check_cv_gain(good, 0.9, "planted", quantile=0.25) <= checks.check_cv_gain(good, 0.9, "planted")
     with pytest.raises(AssertionError, match="not finite"):
         checks.check_cv_gain(torch.tensor([0.5, float("nan")]), 0.9, "diverged")
+
+
+def test_same_source_rate_on_a_hand_made_example():
+    # 5 training examples from sources [0, 0, 1, 1, 0]; target 0 (source 0) ranks 2, 0, 3, ...; target 1
+    # (source 1) ranks 3, 2, 0, ...: top-1 hits 0 of target 0's and 1 of target 1's; top-2 hits 1 + 2 of 4
+    source_train = torch.tensor([0, 0, 1, 1, 0])
+    source_targets = torch.tensor([0, 1])
+    scores = torch.tensor([[4.0, 1.0], [0.0, -1.0], [5.0, 2.0], [3.0, 3.0], [-1.0, 0.0]])
+    assert checks.same_source_rate(scores, source_train, source_targets) == 0.5
+    assert checks.same_source_rate(scores, source_train, source_targets, k=2) == 0.75
+    assert checks.same_source_rate(scores, source_train, source_targets, k=5) == pytest.approx((3 + 2) / 10)
+    from course_lib.attribution import influence  # found beside identical_class_rate too
+    assert influence.same_source_rate(scores, source_train, source_targets, k=2) == 0.75
+    for bad, match in (((scores.T, source_train, source_targets), "n_train"),
+                       ((scores, source_train[:4], source_targets), "source_train"),
+                       ((scores, source_train, torch.tensor([0, 1, 1])), "source_targets"),
+                       ((scores, source_train.float(), source_targets), "integer"),
+                       ((scores[:, 0], source_train, source_targets), "shape"),
+                       ((scores * float("nan"), source_train, source_targets), "NaN")):
+        with pytest.raises(ValueError, match=match):
+            checks.same_source_rate(*bad)
+    for k in (0, 6, 1.0):
+        with pytest.raises(ValueError, match="k must be"):
+            checks.same_source_rate(scores, source_train, source_targets, k=k)
+
+
+def test_check_same_source_passes_same_source_scores_and_fails_shuffled_or_cross_source_ones():
+    g = torch.Generator().manual_seed(4)
+    n, T = 600, 40
+    source_train = (torch.arange(n) >= 450).long()  # 75% source 0, as MNIST in the union
+    source_targets = torch.arange(T) % 2
+    same = (source_train[:, None] == source_targets[None, :]).float()
+    good = same + torch.randn(n, T, generator=g)  # favours the own source, with noise
+    rate = checks.check_same_source(good, source_train, source_targets, k=10)
+    assert rate == checks.same_source_rate(good, source_train, source_targets, k=10) and rate > 0.8
+    shuffled = good[torch.randperm(n, generator=g)]  # permuted across training examples: chance (0.5 here)
+    with pytest.raises(AssertionError, match="random ranking gives 50.0%"):
+        checks.check_same_source(shuffled, source_train, source_targets, k=10)
+    other = (1 - same) + torch.randn(n, T, generator=g)  # favours the other source
+    with pytest.raises(AssertionError, match="cross-dataset"):
+        checks.check_same_source(other, source_train, source_targets, k=10)
+    with pytest.raises(AssertionError):  # a margin that even the good scores cannot clear
+        checks.check_same_source(good, source_train, source_targets, k=10, margin=0.5)
+    with pytest.raises(ValueError, match="transposed"):
+        checks.check_same_source(good.T, source_train, source_targets)
+
+
+def test_check_covers_fails_when_an_item_is_missing():
+    assert checks.check_covers(["a", "b", "c"], ["a", "b"], "table") == 2
+    with pytest.raises(AssertionError, match="missing \\['c'\\]"):
+        checks.check_covers(["a", "b"], ["a", "b", "c"], "table")

@@ -104,3 +104,46 @@ def test_fake_cifar_pixels_equal_the_normalised_raw_bytes(fake_cifar):
     keep = (y_train == 3) | (y_train == 5)
     np.testing.assert_allclose(d2.x_train.numpy(), norm(x_train[keep]), rtol=0, atol=2e-6)
     assert d2.y_train.tolist() == (y_train[keep] == 5).astype(int).tolist()
+
+
+def test_digits_union_sources_split_and_targets(mnist):
+    u = D.digits_union()
+    data, src_train, src_test = u  # unpacks as a tuple
+    assert data.name == "digits_union" and data.classes == mnist.classes and data.num_classes == 10
+    assert data.x_train.shape == (4000 + 1195, 1, 28, 28) and data.x_test.shape == (1000 + 602, 1, 28, 28)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.long
+    assert src_train.dtype == torch.long and src_test.dtype == torch.long
+    assert src_train.tolist() == [0] * 4000 + [1] * 1195 and src_test.tolist() == [0] * 1000 + [1] * 602
+    # the MNIST part is mnist5k's split, unchanged
+    assert torch.equal(data.x_train[:4000], mnist.x_train) and torch.equal(data.y_test[:1000], mnist.y_test)
+    # the 8x8 part: every third image of each class is test, so about 2/3 of each class trains
+    assert torch.bincount(data.y_train[4000:]).tolist() == [118, 121, 118, 122, 120, 121, 120, 119, 116, 120]
+    assert torch.bincount(data.y_test[1000:]).tolist() == [60, 61, 59, 61, 61, 61, 61, 60, 58, 60]
+    # targets: half per source, 10 per class in each source, no repeats
+    assert len(data.target_idx) == 200 and len(data.target_idx.unique()) == 200
+    assert torch.equal(u.source_targets, src_test[data.target_idx])
+    for s in (0, 1):
+        assert torch.bincount(data.y_targets[u.source_targets == s], minlength=10).tolist() == [10] * 10
+    # the same normalisation: the same range (blank pixels and full ink map to the same values), finite
+    for x in (data.x_train[4000:], data.x_test[1000:]):
+        assert torch.isfinite(x).all()
+        assert x.min() == pytest.approx(float(mnist.x_train.min()))
+        assert x.max() == pytest.approx(float(mnist.x_train.max()))
+    # blocky: the 8x8 digits take only 17 grey levels and are blank outside MNIST's central 20 x 20 box
+    assert len(data.x_train[4000:].unique()) <= 17 and len(mnist.x_train.unique()) > 17
+    outside = torch.ones(28, 28, dtype=torch.bool)
+    outside[4:24, 4:24] = False
+    assert (data.x_train[4000:, 0][:, outside] == data.x_train.min()).all()
+    # a second call (with a smaller MNIST part) gives the same 8x8 part and test split: deterministic
+    small = D.digits_union(n_mnist=500, n_targets=40)
+    assert small.data.n_train == 500 + 1195 and torch.bincount(small.data.y_train[:500]).tolist() == [50] * 10
+    assert small.source_train.bincount().tolist() == [500, 1195]
+    assert small.source_targets.bincount().tolist() == [20, 20]
+    assert torch.equal(small.data.x_train[500:], data.x_train[4000:])
+    assert torch.equal(small.data.x_test, data.x_test) and torch.equal(small.source_test, src_test)
+
+
+def test_digits_union_bad_targets():
+    for bad in (30, 0, 1180):
+        with pytest.raises(ValueError, match="n_targets"):
+            D.digits_union(n_targets=bad)

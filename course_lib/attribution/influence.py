@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from .. import grads
 from ..checks import check_informative  # noqa: F401  (chapters 01, 03 and 06 call it from here)
+from ..checks import same_source_rate  # noqa: F401  (the cross-dataset test, beside identical_class_rate)
 
 # ----------------------------------------------------------------------------------------------- Hessian operators
 
