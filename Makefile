@@ -15,7 +15,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[notebooks,test,traker,kronfluence]'
+	$(PY) -m pip install -q -e '.[notebooks,test,traker,kronfluence,cluster]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (pda-course)" >/dev/null
 	touch $(STAMP)
 
