@@ -44,7 +44,8 @@ class SmallCNN(nn.Module):
     With ``width=8`` on 28x28 digits it has about 30k parameters and reaches about 96-97% test accuracy on the
     4,000-image mnist5k pool. Strided convolutions instead of max-pooling make it about three times cheaper to
     train on a CPU. ``depth`` adds 3x3 convolutions after the second one (for chapter 01's fragility sweep).
-    No batch norm, so ``torch.func.vmap`` can train many copies at once and per-example gradients are exact.
+    No batch norm, so a training step treats every example on its own: per-example gradients are exact in training
+    mode too, and chapter 05 can replay and differentiate its training (``train.record_training``).
     """
 
     def __init__(self, in_shape, num_classes, width=8, depth=0, hidden=32):

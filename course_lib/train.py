@@ -3,7 +3,8 @@
 Models are held functionally: a module skeleton plus a dict of parameters stacked along a leading model axis,
 ``params[name].shape == (E, *shape)``. SGD with momentum and weight decay acts elementwise, so one optimizer over
 the stacked tensors is exactly E independent optimizers; ``torch.func.vmap`` over ``functional_call`` runs the E
-forward passes as one batched computation. A single model is the case E = 1 and takes the plain (un-vmapped) path.
+forward passes as one batched computation, batch norm included (its running statistics are stacked buffers, updated
+per model). A single model is the case E = 1 and takes the plain (un-vmapped) path.
 
 Everything is seeded per model: model ``seed`` gets its initialisation from ``torch.manual_seed(seed)`` and its
 batch order from ``batch_order(seed, ...)``, so a model comes out the same whether it is trained alone or with
@@ -100,9 +101,12 @@ class Models:
     def logits(self, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
         """(E, n, C) logits of every model on inputs x (n, ...), in eval mode."""
         self.net.eval()
+        # models with buffers (ResNet-9) are evaluated one after the other: their activations are large, and E of
+        # them at once (chapter 06 evaluates 100 reference models) would need E times the memory
         out = []
         for xb in x.split(batch_size):
-            out.append(_forward(self.net, self.params, self.buffers, xb, shared_input=True))
+            out.append(_forward(self.net, self.params, self.buffers, xb, shared_input=True,
+                                together=not self.buffers))
         return torch.cat(out, 1)
 
     def outputs(self, x, y, measure: str = "margin") -> torch.Tensor:
@@ -137,17 +141,23 @@ class Models:
                        enumerate(parts[0].checkpoints)], parts[0].lrs)
 
 
-def _forward(net, params, buffers, x, shared_input=False):
-    """Logits of E stacked models: x is (E, B, ...) per model, or (B, ...) shared when shared_input."""
+def _forward(net, params, buffers, x, shared_input=False, together=True):
+    """Logits of E stacked models: x is (E, B, ...) per model, or (B, ...) shared when shared_input.
+
+    E > 1 models run as one vmapped computation, buffers included: they are stacked like the parameters and mapped
+    over the same axis, so in training mode each model's batch norm normalises its own batch by that batch's
+    statistics and updates its own row of the running statistics in place, as E separate modules would (tested
+    against one-at-a-time training in tests/test_gpu_path.py). A single model, or ``together=False``, takes the plain
+    path, one model after the other."""
     E = next(iter(params.values())).shape[0]
-    if E == 1 or buffers:  # one model at a time: the plain path (and the only one batch norm supports)
+    if E == 1 or not together:
         outs = []
         for e in range(E):
             state = {**{k: v[e] for k, v in params.items()}, **{k: v[e] for k, v in buffers.items()}}
             outs.append(functional_call(net, state, (x if shared_input else x[e],)))
         return torch.stack(outs)
-    fn = lambda p, xb: functional_call(net, p, (xb,))
-    return vmap(fn, in_dims=(0, None if shared_input else 0))(params, x)
+    fn = lambda p, b, xb: functional_call(net, (p, b), (xb,))
+    return vmap(fn, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
 
 
 def init_params(cfg: Setting, data: Data, seeds) -> tuple[torch.nn.Module, dict, dict]:

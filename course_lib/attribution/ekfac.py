@@ -115,6 +115,9 @@ def capture(net, state, x, layers):
     Returns (logits, acts, probes): acts[layer.name] is the layer's input as (b, T, d_in) patches (``patches``);
     probes[layer.name] is a zero tensor added to the layer's output, so that the gradient of anything computed from
     the logits with respect to the probe is the gradient with respect to that layer's output (K-FAC's g)."""
+    # eval mode: a skeleton left in training mode would make batch norm normalise by the batch's statistics and
+    # overwrite the running statistics in ``state`` (the model's own buffers) in place
+    net.eval()
     acts, probes = {}, {}
 
     def hook_for(layer):
@@ -235,6 +238,7 @@ def layer_order(like: dict, layers) -> torch.Tensor:
 
 
 def _logits_fn(net, state, names, x):
+    net.eval()  # batch norm with the trained running statistics (never the batch's: see ``capture``)
     fixed = {k: v.detach() for k, v in state.items() if k not in names}
     return lambda p: functional_call(net, {**fixed, **p}, (x,))
 
@@ -287,6 +291,7 @@ def fisher_exact(net, state: dict, x, names=None, batch_size: int = 200) -> torc
     """The true Fisher (1/n) sum_i sum_c p_ic g_i(c) g_i(c)^T with g_i(c) the loss gradient under label c, computed
     from per-example gradients (an independent route to the GNH for the softmax cross-entropy; small models)."""
     names = [k for k, _ in net.named_parameters()] if names is None else list(names)
+    net.eval()
     with torch.no_grad():
         prob = torch.cat([functional_call(net, state, (xb,)).softmax(-1) for xb in x.split(batch_size)])
     Fm = 0
