@@ -80,6 +80,7 @@ BUILDING_BLOCKS = {
     "the surrogates' pieces": ["surrogate.last_layer_grads", "surrogate.last_layer_hessian",
                                "surrogate.neighbour_order"],
     "unrolling's pieces and its explicit-matrix reference": ["unroll.step_pullback", "unroll.product_formula"],
+    "what influence functions estimate (Bae et al. 2022's PBRF; chapter 01)": ["pbrf.pbrf_response", "pbrf.pbrf_effect"],
     "the datamodels' training data": ["datamodels.training_spec", "datamodels.training_masks",
                                       "datamodels.training_data", "datamodels.cached_models"],
 }

@@ -176,6 +176,24 @@ def bootstrap(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) ->
     return Score(float(v.mean()), (float(lo), float(hi)), v)
 
 
+def pearson_interval(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Score:
+    """Pearson correlation of paired values (e.g. predicted and actual leave-one-out changes) with a percentile
+    bootstrap interval that resamples the pairs; ``per_target`` holds the replicates. Raises ValueError for fewer than
+    3 pairs, unequal lengths or non-finite values."""
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if len(x) != len(y) or len(x) < 3:
+        raise ValueError(f"need at least 3 pairs of equal length, got {len(x)} and {len(y)}")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("pearson_interval got non-finite values")
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))
+    xb, yb = x[idx] - x[idx].mean(1, keepdims=True), y[idx] - y[idx].mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = (xb * yb).sum(1) / np.sqrt((xb ** 2).sum(1) * (yb ** 2).sum(1))
+    reps = reps[np.isfinite(reps)]  # a resample of identical pairs has no correlation
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return Score(float(np.corrcoef(x, y)[0, 1]), (float(lo), float(hi)), reps)
+
+
 def spearman_columns(a, b) -> np.ndarray:
     """Spearman correlation between matching columns of a and b (m, T) -> (T,). A constant column (no
     variation across subsets, so no ranking) gives 0."""

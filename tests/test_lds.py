@@ -397,3 +397,20 @@ def test_tune_chooses_on_the_tuning_targets_and_reports_the_evaluation_targets()
         lds.tune({}, gt)
     with pytest.raises(ValueError, match="shape"):
         lds.tune({"x": tau[:, :3]}, gt)
+
+
+def test_pearson_interval_has_the_width_fisher_predicts():
+    rng = np.random.default_rng(0)
+    n, rho = 200, 0.6
+    x = rng.standard_normal(n)
+    y = rho * x + np.sqrt(1 - rho ** 2) * rng.standard_normal(n)
+    sc = lds.pearson_interval(x, y)
+    assert sc.ci[0] < sc.mean < sc.ci[1] and abs(sc.mean - np.corrcoef(x, y)[0, 1]) < 1e-12
+    # Fisher's z: the 95% interval of r is about 2 * 1.96 (1 - rho^2) / sqrt(n) wide
+    want = 2 * 1.96 * (1 - rho ** 2) / np.sqrt(n)
+    assert 0.8 * want < sc.ci[1] - sc.ci[0] < 1.25 * want
+    assert lds.pearson_interval(x, -y).mean < 0
+    with pytest.raises(ValueError, match="at least 3 pairs"):
+        lds.pearson_interval([1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        lds.pearson_interval([1.0, 2.0, np.nan], [1.0, 2.0, 3.0])
