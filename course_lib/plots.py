@@ -17,7 +17,7 @@ def savefig(name: str, fig=None, save: bool | None = None):
     fig.tight_layout()
     if save if save is not None else os.environ.get("COURSE_SAVE_FIGS") == "1":
         FIG_DIR.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIG_DIR / f"{name}.png", dpi=120)
+        fig.savefig(FIG_DIR / f"{name}.png", dpi=120, bbox_inches="tight")  # titles and legends outside the axes too
 
 
 def show_images(images: torch.Tensor, titles=None, rows: int = 1, size: float = 1.4, axes=None):
