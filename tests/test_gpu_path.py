@@ -284,7 +284,10 @@ def test_per_example_gradients_and_features_match_the_module(ref, data, train_gr
     module = ref.module(0)
     x, y = data.x_train[:3], data.y_train[:3]
     assert _rel(train_grads[:3], _autograd_grads(module, x, y, "loss")) < 1e-5
-    assert _rel(target_grads[:3], _autograd_grads(module, data.x_targets[:3], data.y_targets[:3], "margin")) < 1e-5
+    # the margin's gradient is a difference of two logits' gradients, so float32 round-off is amplified by the
+    # cancellation and depends on the summation order (thread count): 2.5e-4 measured on 2 threads; a wrong gradient
+    # (another example's, training-mode batch statistics, dropped buffers) is off by O(1)
+    assert _rel(target_grads[:3], _autograd_grads(module, data.x_targets[:3], data.y_targets[:3], "margin")) < 2e-3
     with torch.no_grad():
         ref_feats = module.body(data.x_train)
     assert _rel(influence.features(ref.net, ref.state_of(0), data.x_train), ref_feats) < 1e-5
