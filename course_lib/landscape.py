@@ -142,7 +142,8 @@ def seconds_per_model(cfg: Setting, data: Data, n: int = 4, cache=None) -> float
     """Seconds to train one model on the whole pool with the setting's recipe on this machine: ``n`` models trained
     side by side with the ensemble trainer (as the reference models and the ground truths are), timed once and cached
     per recipe and data, so every chapter charges training at the same rate. The rate is measured under whatever else
-    ran on the machine at that moment; delete the file (printed by ``rate_file``) to measure again."""
+    ran on the machine at that moment; delete ``seconds_per_model_<n>.pt`` in the cache's landscape folder to measure
+    again."""
     from .train import full_mask, stream_seeds, train_models  # training is needed only to measure
 
     path = _path(cfg, data, "rate", cache).with_name(f"seconds_per_model_{n}.pt")
