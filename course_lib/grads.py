@@ -32,6 +32,17 @@ def unflatten(vec: torch.Tensor, like: dict) -> dict:
     return out
 
 
+def unflatten_rows(rows: torch.Tensor, like: dict) -> dict:
+    """Split each row of (R, p) into tensors shaped like ``like``: {name: (R, *shape)} (stacked ``unflatten``)."""
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = rows[:, i:i + t.numel()].reshape(len(rows), *t.shape)
+        i += t.numel()
+    if i != rows.shape[1]:
+        raise ValueError(f"rows have {rows.shape[1]} entries, parameters have {i}")
+    return out
+
+
 def split_state(net, state: dict) -> tuple[dict, dict]:
     """(parameters, buffers) of a full state: the entries named like ``net``'s parameters, in that order, and the
     rest. Puts ``net`` in eval mode (attribution evaluates the trained model as it is used at test time)."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib import data as D, settings
+from course_lib import data as D, measure, settings
 
 # In test runs a set but wrong exercise answer raises (course_lib.exercises.check), so that an instructor solution
 # that no longer matches its check fails the smoke run of its chapter; nbval's kernels inherit this environment.
@@ -26,6 +26,15 @@ def smoke():
 @pytest.fixture(scope="session")
 def smoke_data(smoke):
     return D.mnist5k(n_train=smoke.n_train, n_targets=smoke.n_targets)
+
+
+def autograd_grads(module, x, y, fn):
+    """Reference per-example gradients (n, p): one autograd call per example on an ordinary module."""
+    rows = []
+    for i in range(len(y)):
+        out = measure.get(fn)(module(x[i:i + 1]), y[i:i + 1]).sum()
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(out, list(module.parameters()))]))
+    return torch.stack(rows)
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ equal autograd on the ordinary module ``Models.module(i)`` (issue: batch norm at
 import pytest
 import torch
 
+from conftest import autograd_grads
 from course_lib import data as D, grads, measure, settings, train
 from course_lib.attribution import influence, trak
 
@@ -26,14 +27,6 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def _autograd_grads(module, x, y, fn):
-    rows = []
-    for i in range(len(y)):
-        out = measure.get(fn)(module(x[i:i + 1]), y[i:i + 1]).sum()
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(out, list(module.parameters()))]))
-    return torch.stack(rows)
-
-
 def test_running_statistics_were_trained(resnet):
     models, _, _, _ = resnet
     assert models.buffers, "the ResNet-9 has batch-norm buffers"
@@ -54,7 +47,7 @@ def test_margins_of_every_path_match_the_module(resnet):
 @pytest.mark.parametrize("fn", ["loss", "margin"])
 def test_per_example_gradients_match_autograd(resnet, fn):
     models, module, x, y = resnet
-    ref = _autograd_grads(module, x, y, fn)
+    ref = autograd_grads(module, x, y, fn)
     assert _rel(grads.per_example_grads(models.net, models.state_of(0), x, y, fn), ref) < 1e-5
     # TRAK's features (identity projection: the raw gradients) go through the same state
     p = ref.shape[1]
@@ -65,7 +58,7 @@ def test_per_example_gradients_match_autograd(resnet, fn):
 def test_trak_scores_use_the_trained_state(resnet):
     models, module, x, y = resnet
     res = trak.trak(models, x[:4], y[:4], x[4:], y[4:], kind="identity", progress=False)
-    phi = _autograd_grads(module, x, y, "margin")
+    phi = autograd_grads(module, x, y, "margin")
     with torch.no_grad():
         q = torch.sigmoid(-measure.margin(module(x[:4]), y[:4]))
     ref = trak.kernel_solve(phi[:4], phi[4:]) * q[:, None]

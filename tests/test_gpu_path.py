@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from course_lib import data as D, grads, lds, measure, models as M, settings, train
+from conftest import autograd_grads
+from course_lib import data as D, grads, lds, models as M, settings, train
 from course_lib.attribution import datamodels, ekfac, influence, similarity, surrogate, trak
 
 N_TRAIN, N_TARGETS = 40, 8  # conftest's fake_cifar_env: CIFAR-2 has 40 training and 8 test images
@@ -51,14 +52,6 @@ def _rel(a, b):
 
 def _args(data):
     return data.x_train, data.y_train, data.x_targets, data.y_targets
-
-
-def _autograd_grads(module, x, y, fn):
-    rows = []
-    for i in range(len(y)):
-        out = measure.get(fn)(module(x[i:i + 1]), y[i:i + 1]).sum()
-        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(out, list(module.parameters()))]))
-    return torch.stack(rows)
 
 
 # ----------------------------------------------------------------------------------- setting, data, training
@@ -283,11 +276,11 @@ def test_per_example_gradients_and_features_match_the_module(ref, data, train_gr
     """Exact references on the ordinary module (``Models.module``: parameters and buffers loaded, eval mode)."""
     module = ref.module(0)
     x, y = data.x_train[:3], data.y_train[:3]
-    assert _rel(train_grads[:3], _autograd_grads(module, x, y, "loss")) < 1e-5
+    assert _rel(train_grads[:3], autograd_grads(module, x, y, "loss")) < 1e-5
     # the margin's gradient is a difference of two logits' gradients, so float32 round-off is amplified by the
     # cancellation and depends on the summation order (thread count): 2.5e-4 measured on 2 threads; a wrong gradient
     # (another example's, training-mode batch statistics, dropped buffers) is off by O(1)
-    assert _rel(target_grads[:3], _autograd_grads(module, data.x_targets[:3], data.y_targets[:3], "margin")) < 2e-3
+    assert _rel(target_grads[:3], autograd_grads(module, data.x_targets[:3], data.y_targets[:3], "margin")) < 2e-3
     with torch.no_grad():
         ref_feats = module.body(data.x_train)
     assert _rel(influence.features(ref.net, ref.state_of(0), data.x_train), ref_feats) < 1e-5

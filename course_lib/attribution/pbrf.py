@@ -339,7 +339,7 @@ def pbrf_response(net, params: dict, x_train, y_train, removed, *, weight_decay:
         gnorm0[s:s + len(idx)] = g0.double().cpu()
         steps[s:s + len(idx)] = nsteps
     converged = gnorm <= tol * gnorm0
-    res = PBRFResponse(removed, w, {k: v.clone() for k, v in _unflatten_stacked(out, prob.like).items()},
+    res = PBRFResponse(removed, w, {k: v.clone() for k, v in grads.unflatten_rows(out, prob.like).items()},
                        prob.buffers, gnorm, gnorm0, converged, steps, products, time.perf_counter() - t0, tol)
     if strict and not converged.all():
         bad = (~converged).nonzero()[:, 0]
@@ -379,14 +379,6 @@ def _line_search(prob: _Problem, th, g, d, xm, ym, c: float = 1e-4, halvings: in
             break
         step = torch.where(accepted, step, step / 2)
     return th_new, g_new, accepted
-
-
-def _unflatten_stacked(flat: torch.Tensor, like: dict) -> dict:
-    out, i = {}, 0
-    for k, t in like.items():
-        out[k] = flat[:, i:i + t.numel()].reshape(len(flat), *t.shape)
-        i += t.numel()
-    return out
 
 
 def pbrf_effect(net, params: dict, x_train, y_train, x_targets, y_targets, removed=None, *, weight_decay: float,

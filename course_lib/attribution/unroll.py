@@ -90,14 +90,6 @@ def _check(traj: Trajectory, x_train, y_train, x_targets, y_targets, target_fn: 
         raise ValueError(f"last must be None (every step) or an integer in 1..{traj.steps}, got {last!r}")
 
 
-def _rows_to_dict(U: torch.Tensor, like: dict) -> dict:
-    out, i = {}, 0
-    for k, v in like.items():
-        out[k] = U[:, i:i + v.numel()].reshape(len(U), *v.shape)
-        i += v.numel()
-    return out
-
-
 def _dict_to_rows(d: dict) -> torch.Tensor:
     return torch.cat([v.reshape(v.shape[0], -1) for v in d.values()], 1)
 
@@ -121,7 +113,7 @@ def step_pullback(traj: Trajectory, t: int, x_train, y_train):
     _, pull = vjp(batch_grad, traj.params_at(t), wb)
 
     def apply(C: torch.Tensor):
-        h, d = vmap(pull)(_rows_to_dict(C, like))
+        h, d = vmap(pull)(grads.unflatten_rows(C, like))
         return _dict_to_rows(h), d
     return apply
 
