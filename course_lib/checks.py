@@ -181,6 +181,30 @@ def check_cv_gain(relative_cv_error, max_value: float, what: str, quantile: floa
     return value
 
 
+def check_independent_subsets(masks, reference, alpha: float, tol: float = 0.02,
+                              what: str = "datamodel subsets vs LDS subsets") -> float:
+    """Two streams of random alpha-subsets are independent draws (e.g. the datamodels' training subsets and the LDS
+    evaluation subsets, which a method must never be fitted on): no subset of ``masks`` (m, n) equals one of
+    ``reference`` (m', n), and the mean share of a ``masks`` subset that lies in a ``reference`` subset is
+    ``alpha`` (chance) within ``tol``. Fails for a reused subset, for the same stream twice (every subset reused),
+    and for streams that are not independent draws from the whole pool (e.g. both crowded into one part of it).
+    Returns the mean share."""
+    a, b = torch.as_tensor(masks).double(), torch.as_tensor(reference).double()
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"masks must be (m, n) and (m', n) with the same n, got {tuple(a.shape)} and {tuple(b.shape)}")
+    common = a @ b.T  # (m, m') examples the two subsets share
+    size_a, size_b = a.sum(1, keepdim=True), b.sum(1)[None, :]
+    same = int(((common == size_a) & (common == size_b)).sum())
+    if same:
+        raise AssertionError(f"{what}: {same} subset(s) of the first stream reappear in the second; the streams "
+                             "must be independent draws")
+    share = float((common / size_a.clamp(min=1)).mean())
+    if not abs(share - alpha) <= tol:  # also fails for NaN
+        raise AssertionError(f"{what}: a subset shares on average {share:.3f} of its examples with a subset of the "
+                             f"other stream; independent draws share alpha = {alpha:g} (+-{tol:g})")
+    return share
+
+
 def _top_k_sources(scores, source_train, source_targets, k):
     """Validated inputs of the same-source measures: (n_train, T) scores, (n_train,) and (T,) integer sources."""
     s = torch.as_tensor(scores)

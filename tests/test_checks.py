@@ -173,6 +173,29 @@ def test_check_cv_gain_passes_a_real_lasso_and_fails_shuffled_outputs_or_nan():
         checks.check_cv_gain(torch.tensor([0.5, float("nan")]), 0.9, "diverged")
 
 
+def test_check_independent_subsets_passes_two_streams_and_fails_reused_or_dependent_ones():
+    from course_lib.retrain import subset_masks
+
+    n, alpha = 200, 0.5
+    ours, theirs = subset_masks(n, 60, alpha, 0, stream="datamodels"), subset_masks(n, 40, alpha, 0, stream="lds")
+    assert abs(checks.check_independent_subsets(ours, theirs, alpha) - alpha) <= 0.02
+    reused = torch.cat([theirs[:39], ours[5:6]])  # one datamodel subset among the LDS subsets
+    with pytest.raises(AssertionError, match="1 subset"):
+        checks.check_independent_subsets(ours, reused, alpha)
+    with pytest.raises(AssertionError, match="reappear"):  # the same stream twice
+        checks.check_independent_subsets(theirs, theirs, alpha)
+    def from_part(m, seed):  # alpha-subsets drawn from the first three quarters of the pool only
+        g, part = torch.Generator().manual_seed(seed), torch.zeros(m, n, dtype=torch.bool)
+        for j in range(m):
+            part[j, torch.randperm(3 * n // 4, generator=g)[:int(alpha * n)]] = True
+        return part
+
+    with pytest.raises(AssertionError, match="share alpha"):  # both crowd into one part: they share 2/3
+        checks.check_independent_subsets(from_part(60, 0), from_part(40, 1), alpha)
+    with pytest.raises(ValueError, match="same n"):
+        checks.check_independent_subsets(ours, theirs[:, :-1], alpha)
+
+
 def test_same_source_rate_on_a_hand_made_example():
     # 5 training examples from sources [0, 0, 1, 1, 0]; target 0 (source 0) ranks 2, 0, 3, ...; target 1
     # (source 1) ranks 3, 2, 0, ...: top-1 hits 0 of target 0's and 1 of target 1's; top-2 hits 1 + 2 of 4
