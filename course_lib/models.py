@@ -6,6 +6,7 @@ tensors through ``torch.func.functional_call``, so that many models can share on
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("logreg", "mlp", "cnn", "resnet9")
@@ -61,6 +62,37 @@ class SmallCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.body(x))
+
+    def forward_stacked(self, params: dict, x: torch.Tensor, shared_input: bool = False) -> torch.Tensor:
+        """Logits (E, B, classes) of E models whose parameters are stacked along a leading axis
+        (``params[name].shape == (E, *shape)``), on x (E, B, C, H, W), or on x (B, C, H, W) for all of them when
+        ``shared_input``.
+
+        The same computation as ``vmap(functional_call)`` over the models, laid out for speed on a CPU: the E
+        models' convolutions run as one grouped convolution over channels-last activations (B, E * C, H, W), the
+        linear layers as batched matrix products. Equal to the vmapped forward up to float round-off.
+        """
+        E = params["head.weight"].shape[0]
+        if shared_input:
+            h = x.repeat(1, E, 1, 1)
+        else:
+            h = x.transpose(0, 1).flatten(1, 2)  # (B, E * C, H, W)
+        h = h.contiguous(memory_format=torch.channels_last)
+        for name, layer in list(self.body.named_children()) + [("head", self.head)]:
+            if isinstance(layer, nn.Conv2d):
+                w, b = params[f"body.{name}.weight"], params[f"body.{name}.bias"]
+                h = F.conv2d(h, w.flatten(0, 1), b.flatten(), stride=layer.stride, padding=layer.padding, groups=E)
+            elif isinstance(layer, nn.ReLU):
+                h = F.relu(h)
+            elif isinstance(layer, nn.Flatten):
+                h = h.contiguous().view(h.shape[0], E, -1).transpose(0, 1)  # (E, B, C * H * W), each model's order
+            elif isinstance(layer, nn.Linear):
+                prefix = "head" if name == "head" else f"body.{name}"
+                w, b = params[f"{prefix}.weight"], params[f"{prefix}.bias"]
+                h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            else:
+                raise TypeError(f"forward_stacked does not know layer {layer!r}")
+        return h
 
 
 def _conv_bn(c_in, c_out):

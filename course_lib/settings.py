@@ -46,11 +46,11 @@ class Setting:
     gt_models: int = 4
     gt_seed: int = 0
     # how many models the ensemble trainer trains at once
-    ensemble_size: int = 32
+    ensemble_size: int = 16  # fastest of 8, 16, 32 on 2 cores (benchmarks/bench_ensemble.py)
     device: str = "auto"
     seed: int = 0
     # chapter budgets
-    dm_models: int = 1600  # 03: datamodel training models (fresh subsets, never the LDS ones); 50 chunks of 32
+    dm_models: int = 1600  # 03: datamodel training models (fresh subsets, never the LDS ones); 100 chunks of 16
     trak_models: int = 20  # 06: independently trained models to ensemble over
     trak_proj_dim: int = 2048  # 06: random projection dimension
 

@@ -148,7 +148,8 @@ def _forward(net, params, buffers, x, shared_input=False, together=True):
     over the same axis, so in training mode each model's batch norm normalises its own batch by that batch's
     statistics and updates its own row of the running statistics in place, as E separate modules would (tested
     against one-at-a-time training in tests/test_gpu_path.py). A single model, or ``together=False``, takes the plain
-    path, one model after the other."""
+    path, one model after the other. A module with a ``forward_stacked`` method (the small CNN) computes the E
+    models its own way, the same function laid out for speed."""
     E = next(iter(params.values())).shape[0]
     if E == 1 or not together:
         outs = []
@@ -156,6 +157,8 @@ def _forward(net, params, buffers, x, shared_input=False, together=True):
             state = {**{k: v[e] for k, v in params.items()}, **{k: v[e] for k, v in buffers.items()}}
             outs.append(functional_call(net, state, (x if shared_input else x[e],)))
         return torch.stack(outs)
+    if hasattr(net, "forward_stacked"):  # the small CNN's grouped-convolution layout (models.SmallCNN)
+        return net.forward_stacked(params, x, shared_input=shared_input)
     fn = lambda p, b, xb: functional_call(net, (p, b), (xb,))
     return vmap(fn, in_dims=(0, 0, None if shared_input else 0))(params, buffers, x)
 
