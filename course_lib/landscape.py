@@ -5,7 +5,10 @@ A chapter *publishes* the methods it ran (``publish``): for each method and budg
 hyperparameter candidate it tried (chapter 07 chooses among them on the tuning targets of each ground truth with
 ``lds.tune``, exactly as the chapters do), the attribution seconds of each candidate, and the training the method
 needs (how many models, on what, and the seconds). A chapter's record replaces its previous one for the same setting
-and data, atomically. Chapter 07 reads every chapter's record (``published``) and computes nothing twice.
+and data, atomically. Chapter 07 reads every chapter's record (``published``) and computes nothing twice. Since a
+re-run with other budgets replaces the record, every record says what produced it (``Method.params``: the setting,
+its fields changed from the preset, the chapter's own budget parameters and the time of publication), and chapter 07
+shows it next to the numbers.
 
 Compute is counted the same way for every method: attribution seconds (measured when the chapter computed the
 scores, on the machine that computed them) plus the training of every model the method needs, charged by one
@@ -19,7 +22,9 @@ is either such a call or a listed helper, so a new method cannot be forgotten.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+import datetime
+import json
 import time
 from pathlib import Path
 
@@ -42,6 +47,7 @@ COURSE_METHODS = {
     "gradient dot product": ("influence", ["influence.grad_dot"], "02"),
     "gradient cosine": ("influence", ["influence.grad_cos"], "02"),
     "influence function (CG)": ("influence", ["influence.influence_scores", "influence.cached_scores"], "02"),
+    "K-FAC": ("influence", ["ekfac.fit_factors", "ekfac.influence_scores", "ekfac.cached_factors"], "04"),
     "EK-FAC": ("influence", ["ekfac.fit_factors", "ekfac.influence_scores", "ekfac.ekfac_scores",
                              "ekfac.cached_factors", "ekfac.combine"], "04"),
     "TracIn": ("training dynamics", ["tracin.tracin_scores", "tracin.tracin_ideal", "tracin.lr_weights"], "05"),
@@ -97,7 +103,8 @@ class Method:
     model-free rules); attributes: which models ("reference model 0", "reference models 0-3", "the fixed-seed run",
     "subset models", "none"); fraction: the share of the training pool each of those models trains on (1 for the
     whole pool); chapter: "01".."06"; budget: the method's budget knob as a number (models M, checkpoints C, segments
-    L, ...; None if it has none)."""
+    L, ...; None if it has none); params: what produced the record, set by ``publish`` (``record_params``); None
+    in records written before parameters were recorded."""
     key: str
     label: str
     candidates: dict
@@ -107,6 +114,7 @@ class Method:
     fraction: float
     chapter: str
     budget: float | None = None
+    params: dict | None = None
 
     def __post_init__(self):
         if self.key not in COURSE_METHODS:
@@ -160,10 +168,42 @@ def _path(cfg: Setting, data: Data, chapter: str, cache=None) -> Path:
     return cache_dir(cache) / f"landscape_{cfg.dataset}_{cache_key(spec)}" / f"chapter_{chapter}.pt"
 
 
-def publish(cfg: Setting, data: Data, chapter: str, methods: list[Method], cache=None) -> Path:
+def record_params(cfg: Setting, params: dict | None = None) -> dict:
+    """What produced a record: {"setting": its name, "changed": {field: value} of the setting's fields that differ
+    from the named preset (empty for the preset itself), "chapter": the chapter's own parameters (``params``, e.g.
+    its budget dict and ensemble sizes; {} if none given), "published": UTC time, ISO format}. Values are reduced to
+    JSON types (lists, numbers, strings), so the record loads with ``torch.load(weights_only=True)``."""
+    from . import settings  # the preset, to tell what a run changed
+
+    try:
+        preset = settings.get(cfg.name)
+        changed = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+                   if getattr(cfg, f.name) != getattr(preset, f.name)}
+    except ValueError:  # a setting with no preset of its name: every field is what produced it
+        changed = asdict(cfg)
+    out = {"setting": cfg.name, "changed": changed, "chapter": dict(params or {}),
+           "published": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return json.loads(json.dumps(out, default=str))
+
+
+def describe_params(params: dict | None) -> dict:
+    """A record's ``params`` as table columns: {"published (UTC)", "setting", "changed fields", "chapter
+    parameters"}, each a short string ("not recorded" throughout for a record written before records carried their
+    parameters)."""
+    if params is None:
+        return dict.fromkeys(("published (UTC)", "setting", "changed fields", "chapter parameters"), "not recorded")
+    return {"published (UTC)": params["published"], "setting": params["setting"],
+            "changed fields": ", ".join(f"{k}={v}" for k, v in params["changed"].items()) or "none",
+            "chapter parameters": ", ".join(f"{k}={v}" for k, v in params["chapter"].items()) or "none given"}
+
+
+def publish(cfg: Setting, data: Data, chapter: str, methods: list[Method], cache=None,
+            params: dict | None = None) -> Path:
     """Write ``methods`` as chapter ``chapter``'s record for this setting and data (replacing its earlier record,
-    atomically) and return the file. Scores must have shape (n_train, n_targets) of ``data``; raises ValueError if
-    not, or if a method claims another chapter."""
+    atomically) and return the file. ``params``: the chapter's own parameters that shaped the methods (budget dicts,
+    ensemble sizes, ...); stored with the setting's changed fields in every method's ``params``
+    (``record_params``), so that a record made with other budgets says so. Scores must have shape
+    (n_train, n_targets) of ``data``; raises ValueError if not, or if a method claims another chapter."""
     want = (data.n_train, len(data.target_idx))
     for m in methods:
         if m.chapter != chapter:
@@ -172,10 +212,11 @@ def publish(cfg: Setting, data: Data, chapter: str, methods: list[Method], cache
         if shape != want:
             raise ValueError(f"{m.label}: scores of shape {shape}, expected (n_train, n_targets) = {want}")
     path = _path(cfg, data, chapter, cache)
+    produced_by = record_params(cfg, params)
     atomic_save([{**asdict(m), "candidates": {str(k): v.detach().float().cpu().contiguous()
                                               for k, v in m.candidates.items()},
                   "seconds": {str(k): float(v) for k, v in m.seconds.items()},
-                  "fraction": float(m.fraction)} for m in methods], path)
+                  "fraction": float(m.fraction), "params": produced_by} for m in methods], path)
     return path
 
 
@@ -201,3 +242,112 @@ def pareto_front(cost, value) -> list[int]:
             front.append(int(i))
             best = value[i]
     return front
+
+
+def best_within(labels, lds_means, seconds, budget: float):
+    """The label of the highest LDS among the methods that cost at most ``budget`` seconds (None if none does).
+    labels, lds_means, seconds: sequences of one length (a table's method column, its LDS means, its total
+    seconds); of equal LDS the first is kept. Raises ValueError on unequal lengths."""
+    labels, lds_means, seconds = list(labels), np.asarray(lds_means, float), np.asarray(seconds, float)
+    if not len(labels) == len(lds_means) == len(seconds):
+        raise ValueError(f"labels, lds_means and seconds must have one length, got {len(labels)}, "
+                         f"{len(lds_means)}, {len(seconds)}")
+    ok = np.flatnonzero(seconds <= budget)
+    return labels[ok[np.argmax(lds_means[ok])]] if len(ok) else None
+
+
+def exercise_references(table) -> dict:
+    """Chapter 07's checked exercises, answered from its landscape table (a pandas DataFrame with the columns
+    "method", "seed-averaged" (LDS results with ``.mean``), "attribution s", "training s", "total s" and
+    "identical class"). Kept in the library so that the student copy's check cells call ``exercises.check`` with
+    the learner's answers and these references, without showing a solution.
+    1: the best method within the table's median total seconds; 2: the best within 600 s if training were 10 times
+    cheaper; 3: how many rows pass the identical-class test at 90% or more with an LDS below half the best one's."""
+    lds_means = table["seed-averaged"].map(lambda s: s.mean).to_numpy(float)
+    fast_total = table["attribution s"].to_numpy(float) + table["training s"].to_numpy(float) / 10
+    return {1: best_within(table["method"], lds_means, table["total s"], float(table["total s"].median())),
+            2: best_within(table["method"], lds_means, fast_total, 600.0),
+            3: int(((table["identical class"].to_numpy(float) >= 0.9) & (lds_means < 0.5 * lds_means.max())).sum())}
+
+
+# the methods that need one model and its gradients only: the cross-dataset check runs them on a model trained on the
+# union (ensembles, trajectories and datamodels would need their models retrained on the union)
+CROSS_DATASET_METHODS = ("random", "pixel similarity", "representation similarity", "gradient dot product",
+                         "gradient cosine", "influence function (CG)", "last-layer influence", "kNN", "kNN-Shapley")
+CROSS_DATASET_TUNED = ("influence function (CG)", "last-layer influence", "kNN", "kNN-Shapley")
+
+
+@dataclass
+class CrossDataset:
+    """``cross_dataset``'s result. union: the ``data.DigitsUnion``; scores: {method: (n_train, n_targets) scores on
+    the union model}; accuracy: test accuracy on [MNIST, 8x8 digits]; seconds: the model and all scores, when
+    computed; chance: a random ranking's same-source rate (the share of each target's source in the training pool,
+    averaged over targets; ``checks.check_same_source``'s baseline)."""
+    union: object
+    scores: dict
+    accuracy: list
+    seconds: float
+    chance: float
+
+    def rates(self, ks=(1, 10)) -> dict:
+        """{method: {k: same-source rate of its top k}} (``checks.same_source_rate``)."""
+        from .checks import same_source_rate
+
+        return {name: {k: same_source_rate(s, self.union.source_train, self.union.source_targets, k=k) for k in ks}
+                for name, s in self.scores.items()}
+
+
+def cross_dataset(cfg: Setting, chosen: dict, n_targets: int = 20, cache=None) -> CrossDataset:
+    """The course text's cross-dataset sanity check (Hammoudeh & Lowd 2022): one model of the setting's recipe trained
+    on ``data.digits_union`` (MNIST and scikit-learn's upsampled 8x8 digits), and every method of
+    ``CROSS_DATASET_METHODS`` run on it through the course_lib call its chapter uses, with the hyperparameter it was
+    given on the tuning targets: ``chosen`` = {method of ``CROSS_DATASET_TUNED``: damping (influence, last layer) or
+    k (kNN, kNN-Shapley)}. Influence uses chapter 01's CG budget of the setting. n_targets: a multiple of 20, half
+    from each dataset. Cached by everything that affects it (recipe, pool, targets, choices, budget)."""
+    from . import cache as cache_mod, grads, train
+    from .attribution import influence, similarity, surrogate
+    from .data import digits_union
+
+    missing = set(CROSS_DATASET_TUNED) - set(chosen)
+    if missing:
+        raise ValueError(f"chosen lacks {sorted(missing)}: give the damping or k chosen for each")
+    union = digits_union(n_mnist=cfg.n_train, n_targets=n_targets)
+    ud = union.data
+    chosen = {k: float(chosen[k]) for k in CROSS_DATASET_TUNED}
+    budget = influence.CHAPTER01_SOLVE.get(cfg.name, influence.CHAPTER01_SOLVE["cpu"])
+
+    def compute():
+        t0 = time.perf_counter()
+        model = train.train_models(cfg, ud, train.full_mask(ud), train.stream_seeds("reference", 1))
+        net, st = model.net, model.state_of(0)
+        args = (ud.x_train, ud.y_train, ud.x_targets, ud.y_targets)
+        g_train = grads.per_example_grads(net, st, ud.x_train, ud.y_train, "loss")
+        g_targets = grads.per_example_grads(net, st, ud.x_targets, ud.y_targets, "margin")
+        label_sign = 2 * similarity.class_match(ud.y_train, ud.y_targets) - 1
+        scores = {
+            "random": similarity.random_scores(ud.n_train, len(ud.target_idx), seed=cfg.seed),
+            "pixel similarity": similarity.pixel_similarity(*args, signed=True),
+            "representation similarity": label_sign * influence.representation_similarity(net, st, ud.x_train,
+                                                                                          ud.x_targets),
+            "gradient dot product": influence.grad_dot(g_train, g_targets),
+            "gradient cosine": influence.grad_cos(g_train, g_targets),
+            "influence function (CG)": influence.influence_scores(
+                net, st, *args, weight_decay=cfg.weight_decay, damping=chosen["influence function (CG)"],
+                iters=budget["iters"], hessian_n=budget["hessian_n"], seed=cfg.seed, train_grads=g_train).scores,
+            "last-layer influence": surrogate.last_layer_influence(
+                net, st, *args, weight_decay=cfg.weight_decay, damping=chosen["last-layer influence"]).scores,
+            "kNN": surrogate.knn_scores(net, st, *args, k=int(chosen["kNN"])).scores,
+            "kNN-Shapley": surrogate.knn_shapley(net, st, *args, k=int(chosen["kNN-Shapley"])).scores,
+        }
+        acc = [float(model.accuracy(ud.x_test[union.source_test == s], ud.y_test[union.source_test == s])[0])
+               for s in (0, 1)]
+        return {"scores": {k: v.float() for k, v in scores.items()}, "accuracy": acc,
+                "seconds": time.perf_counter() - t0}
+
+    # the spec (and file name) chapter 07 used when this code lived in the notebook, so its cache stays valid
+    spec = {"recipe": cfg.recipe(), "n_mnist": cfg.n_train, "targets": ud.target_idx.tolist(), "chosen": chosen,
+            "budget": budget, "v": 1}
+    out = cache_mod.load_or_compute(cache_dir(cache) / f"ch07_cross_{cache_key(spec)}.pt", compute, spec)
+    src_train, src_targets = union.source_train, union.source_targets
+    chance = float((src_train[:, None] == src_targets[None, :]).double().mean())
+    return CrossDataset(union, out["scores"], out["accuracy"], float(out["seconds"]), chance)

@@ -88,3 +88,88 @@ def test_seconds_per_model_is_measured_once_and_cached(tmp_path, smoke, smoke_da
     first = landscape.seconds_per_model(cfg, smoke_data, n=2, cache=tmp_path)
     assert 0 < first < 60
     assert landscape.seconds_per_model(cfg, smoke_data, n=2, cache=tmp_path) == first  # read back, not re-measured
+
+
+def test_records_say_which_parameters_produced_them(tmp_path):
+    """A re-run with other budgets replaces the record; the record says so (setting, changed fields, budgets)."""
+    data = _data()
+    cfg = settings.get("smoke")
+    landscape.publish(cfg, data, "06", [_method()], cache=tmp_path, params={"budget": {"max_models": 2}})
+    got = landscape.published(cfg, data, cache=tmp_path)["06"][0].params
+    assert got["setting"] == "smoke" and got["changed"] == {} and got["chapter"] == {"budget": {"max_models": 2}}
+    assert got["published"][:2] == "20"  # an ISO time
+    more = settings.get("smoke", trak_models=cfg.trak_models + 3)  # not in the recipe: the same record's file
+    landscape.publish(more, data, "06", [_method()], cache=tmp_path, params={"budget": {"max_models": 5}})
+    got = landscape.published(cfg, data, cache=tmp_path)["06"][0].params
+    assert got["changed"] == {"trak_models": cfg.trak_models + 3} and got["chapter"]["budget"]["max_models"] == 5
+    row = landscape.describe_params(got)
+    assert "max_models" in row["chapter parameters"] and row["changed fields"] == f"trak_models={cfg.trak_models + 3}"
+    assert set(landscape.describe_params(None).values()) == {"not recorded"}
+    landscape.publish(cfg, data, "06", [_method()], cache=tmp_path)  # no chapter parameters given: said so
+    row = landscape.describe_params(landscape.published(cfg, data, cache=tmp_path)["06"][0].params)
+    assert row["chapter parameters"] == "none given" and row["changed fields"] == "none"
+
+
+def test_best_within_and_exercise_references():
+    pd = pytest.importorskip("pandas")
+    labels, lds_means, secs = ["a", "b", "c"], [0.1, 0.3, 0.5], [1.0, 10.0, 100.0]
+    assert landscape.best_within(labels, lds_means, secs, 10.0) == "b"
+    assert landscape.best_within(labels, lds_means, secs, 1000.0) == "c"
+    assert landscape.best_within(labels, lds_means, secs, 0.5) is None
+    with pytest.raises(ValueError, match="one length"):
+        landscape.best_within(labels, lds_means, secs[:2], 1.0)
+
+    class R:  # an LDS result: only .mean is read
+        def __init__(self, mean):
+            self.mean = mean
+
+    table = pd.DataFrame({"method": labels, "seed-averaged": [R(v) for v in lds_means],
+                          "attribution s": [1.0, 5.0, 50.0], "training s": [0.0, 5.0, 5000.0],
+                          "identical class": [0.95, 0.2, 0.99]})
+    table["total s"] = table["attribution s"] + table["training s"]
+    ref = landscape.exercise_references(table)
+    assert ref == {1: "b", 2: "c", 3: 1}  # median total 10 s; 50 + 500 s <= 600; only "a" is >= 0.9 and < 0.25
+
+
+def test_cross_dataset_needs_every_choice():
+    with pytest.raises(ValueError, match="chosen lacks"):
+        landscape.cross_dataset(settings.get("smoke"), {"kNN": 5})
+
+
+def test_landscape_figure_has_a_panel_per_ground_truth_and_a_legend():
+    pd = pytest.importorskip("pandas")
+    import matplotlib
+    matplotlib.use("Agg")
+    from course_lib import plots
+
+    class R:
+        def __init__(self, mean):
+            self.mean, self.ci = mean, (mean - 0.05, mean + 0.05)
+
+    rows = [("random", None, 0, 0.0, 0.0, 0.0), ("TRAK", 1, 1, 2.0, 5.0, 0.2), ("TRAK", 4, 4, 8.0, 20.0, 0.3),
+            ("EK-FAC", 1, 1, 3.0, 6.0, 0.25)]
+    table = pd.DataFrame([{"key": k, "family": landscape.COURSE_METHODS[k][0], "budget": b, "models": m,
+                           "attributes": "none" if m == 0 else "reference models", "attribution s": a,
+                           "total s": t, "seed-averaged": R(v), "fixed": R(v - 0.05)} for k, b, m, a, t, v in rows])
+    fig = plots.landscape(table, ["seed-averaged", "fixed"], ceiling=R(0.7), title="t")
+    axes = fig.axes
+    assert len(axes) == 3 and axes[0].get_xscale() == "log"
+    labels = [t.get_text() for t in axes[2].get_legend().get_texts()]
+    assert {"random", "TRAK (1-4)", "EK-FAC"} <= set(labels) and "surrogate:" in labels  # budgets: a range
+    assert axes[0].get_ylim()[1] > 0.75  # the ceiling's interval is inside the axes
+    matplotlib.pyplot.close(fig)
+
+
+def test_landscape_colours_tell_methods_apart():
+    """Every method has a colour; within a family (one marker) no two share one; the methods drawn as curves over
+    budgets have a colour of their own."""
+    from course_lib import plots
+
+    assert set(plots.LANDSCAPE_COLOURS) == set(landscape.COURSE_METHODS)
+    for fam in landscape.FAMILIES:
+        colours = [plots.LANDSCAPE_COLOURS[k] for k, v in landscape.COURSE_METHODS.items() if v[0] == fam]
+        assert len(set(colours)) == len(colours), fam
+    curves = ["EK-FAC", "TRAK", "TracIn", "SOURCE", "datamodels (LASSO)"]
+    others = [c for k, c in plots.LANDSCAPE_COLOURS.items() if k not in curves]
+    assert not {plots.LANDSCAPE_COLOURS[k] for k in curves} & set(others)
+    assert len({plots.LANDSCAPE_COLOURS[k] for k in curves}) == len(curves)
