@@ -296,3 +296,35 @@ def _train_on_cluster(client, cfg, data, masks, seeds, todo, folder, name, fixed
                       "sees it: the cache folder is not shared with the workers, so an interrupted build cannot resume "
                       "from them. Put $COURSE_CACHE on a filesystem that every worker mounts at the same path.")
     return trained
+
+
+# ------------------------------------------------------------------ leave-one-out retraining (chapter 01, Koh & Liang)
+
+
+def leave_one_out(cfg: Setting, data: Data, models: train.Models, removed, x_targets, y_targets, *, seeds,
+                  epochs: int, lr: float, measure: str = "loss", model: int = 0) -> torch.Tensor:
+    """(K, T) the change of each target's measured output when each training example in ``removed`` (K indices) is
+    left out, by retraining from the trained parameters (Koh & Liang 2017, Section 5.1's protocol for non-convex
+    models): model ``model`` of ``models`` is trained on for ``epochs`` epochs of the setting's recipe with initial
+    learning rate ``lr`` (decaying by its schedule), once with all examples and once without each removed one, with
+    the same ``seeds``; the change is the mean over seeds of (without - with), so the retraining itself is not
+    counted as an effect and seed noise averages down as 1/len(seeds).
+
+    Sign: a REMOVAL's effect, to be compared with -tau[removed] of a score in the course convention (the effect of
+    including). measure: "loss" (nats, Koh & Liang's test loss) or "margin". Raises ValueError for an empty or
+    out-of-range ``removed`` or no seeds.
+    """
+    removed = torch.as_tensor(removed, dtype=torch.long).flatten()
+    seeds = torch.as_tensor(seeds, dtype=torch.long).flatten()
+    if len(removed) == 0 or removed.min() < 0 or removed.max() >= data.n_train:
+        raise ValueError(f"removed must hold 1 or more indices in [0, {data.n_train}), got {removed.tolist()}")
+    if len(seeds) == 0:
+        raise ValueError("leave_one_out needs at least one seed")
+    K, S = len(removed), len(seeds)
+    masks = train.full_mask(data, (K + 1) * S)  # row block 0: nothing removed; block j + 1: removed[j] left out
+    for j, i in enumerate(removed.tolist()):
+        masks[(j + 1) * S:(j + 2) * S, i] = False
+    init = {k: v[model:model + 1].expand(len(masks), *v.shape[1:]) for k, v in models.params.items()}
+    retrained = train.train_models(cfg, data, masks, seeds.repeat(K + 1), init=init, epochs=epochs, lr=lr)
+    out = retrained.outputs(x_targets, y_targets, measure).view(K + 1, S, -1)
+    return (out[1:] - out[:1]).mean(1)
