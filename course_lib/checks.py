@@ -43,6 +43,36 @@ def check_lds_above(score, baseline, margin: float, what: str) -> float:
     return score.mean - base
 
 
+def check_not_below(score, baseline, what: str) -> float:
+    """The LDS ``score``'s 95% interval reaches ``baseline``'s (both ``lds.Score``, e.g. random scores'):
+    score.ci[1] >= baseline.ci[0]. A method may carry little information, but an interval wholly below random's
+    says that its scores point the wrong way (a flipped sign in its record or its pipeline). Fails for the
+    sign-flipped scores of a predictive method and for NaN. Returns score.ci[1] - baseline.ci[0]."""
+    gap = float(score.ci[1]) - float(baseline.ci[0])
+    if not gap >= 0:  # also fails for NaN
+        raise AssertionError(f"{what}: LDS {score!r} lies wholly below the baseline's interval {baseline!r}: are "
+                             "its scores' signs flipped?")
+    return gap
+
+
+def check_records_described(params_by_chapter: dict, strict: bool = True) -> list:
+    """Every landscape record says what produced it. params_by_chapter: {chapter: a record's ``Method.params``}
+    (``landscape.record_params``): None for a record written before records carried their parameters, a dict whose
+    "chapter" entry is empty when the chapter passed none. Returns the chapters whose record lacks either (sorted;
+    empty when every record is described). strict: raise AssertionError naming them; otherwise only warn
+    (``warnings.warn``), for a cache whose records are old but still usable (re-running those chapters fixes it)."""
+    stale = sorted(ch for ch, p in params_by_chapter.items() if not (isinstance(p, dict) and p.get("chapter")))
+    if stale:
+        message = (f"the landscape records of chapters {stale} do not say which parameters produced them (written "
+                   "before records carried them, or published without params=): re-run those chapters")
+        if strict:
+            raise AssertionError(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=2)
+    return stale
+
+
 def check_no_information(score, max_half_width: float, what: str) -> float:
     """An LDS ``score`` (an ``lds.Score``) that should carry no information (random scores): its 95% interval
     contains 0 and is narrower than 2 x ``max_half_width`` (so that 'contains 0' is not won by a useless, wide

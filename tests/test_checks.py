@@ -26,6 +26,27 @@ def test_check_lds_above_passes_the_true_scores_and_fails_broken_ones():
     with pytest.raises(AssertionError):  # a Score as the baseline: the same scores do not beat themselves
         checks.check_lds_above(good, good, 0.0, "itself")
 
+
+def test_check_not_below_fails_sign_flipped_scores():
+    good, flipped, shuffled = _planted_lds(), _planted_lds(flip=True), _planted_lds(shuffle=True)
+    assert checks.check_not_below(good, shuffled, "planted") > 0
+    assert checks.check_not_below(shuffled, shuffled, "itself") >= 0  # no information is allowed
+    with pytest.raises(AssertionError, match="wholly below"):
+        checks.check_not_below(flipped, shuffled, "flipped")
+    nan = lds.Score(float("nan"), (float("nan"), float("nan")), np.array([]))
+    with pytest.raises(AssertionError):
+        checks.check_not_below(nan, shuffled, "NaN")
+
+
+def test_check_records_described_names_the_records_without_parameters():
+    described = {"chapter": {"budget": 3}, "setting": "cpu"}
+    assert checks.check_records_described({"02": described, "03": described}) == []
+    old = {"02": None, "03": described, "05": {"chapter": {}, "setting": "cpu"}}
+    with pytest.raises(AssertionError, match=r"chapters \['02', '05'\]"):
+        checks.check_records_described(old)
+    with pytest.warns(UserWarning, match="re-run those chapters"):
+        assert checks.check_records_described(old, strict=False) == ["02", "05"]
+
 def test_check_no_information_passes_random_scores_and_fails_predictive_or_vague_ones():
     g = torch.Generator().manual_seed(1)
     n, m, T = 80, 120, 6
