@@ -124,11 +124,15 @@ def test_best_within_and_exercise_references():
             self.mean = mean
 
     table = pd.DataFrame({"method": labels, "seed-averaged": [R(v) for v in lds_means],
-                          "attribution s": [1.0, 5.0, 50.0], "training s": [0.0, 5.0, 5000.0],
+                          "attribution s": [1.0, 5.0, 50.0], "training s": [0.0, 50.0, 5000.0],
                           "identical class": [0.95, 0.2, 0.99]})
     table["total s"] = table["attribution s"] + table["training s"]
     ref = landscape.exercise_references(table)
-    assert ref == {1: "b", 2: "c", 3: 1}  # median total 10 s; 50 + 500 s <= 600; only "a" is >= 0.9 and < 0.25
+    assert landscape.FAST_BUDGET == 10.0
+    # median total 55 s; 5 + 50 / 10 s <= 10 (55 s as it is); only "a" is >= 0.9 and < 40% of 0.5
+    assert ref == {1: "b", 2: "b", 3: 1}
+    table.loc[1, "training s"] = 60.0  # 5 + 6 s: over the budget even with training 10 times cheaper
+    assert landscape.exercise_references(table)[2] == "a"
 
 
 def test_cross_dataset_needs_every_choice():
