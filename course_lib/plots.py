@@ -52,38 +52,63 @@ def scatter_predicted_actual(ax, predicted, actual, title=None, xlabel="predicte
         ax.set_title(title)
 
 
-# the landscape figure (chapter 07): one marker per family; colours distinct within a family, and the methods drawn
-# as curves over budgets (EK-FAC, TRAK, TracIn, SOURCE, LASSO) each in a colour no other method has
+# the landscape figure (chapter 07): one marker per family, one colour per method (no two methods share one, so a
+# point's colour and marker name its method)
 LANDSCAPE_MARKERS = {"baseline": "s", "influence": "o", "training dynamics": "^", "surrogate": "D", "datamodels": "P"}
 LANDSCAPE_COLOURS = {
     "random": "#a9a9a9", "class match": "#808000", "pixel similarity": "#469990", "representation similarity": "#9A6324",
     "gradient dot product": "#42d4f4", "gradient cosine": "#f032e6", "influence function (CG)": "#f58231",
     "K-FAC": "#000075", "EK-FAC": "#000000",
-    "TracIn": "#3cb44b", "exact unrolling": "#800000", "truncated unrolling": "#f032e6", "SOURCE": "#911eb4",
-    "last-layer influence": "#469990", "kNN": "#9A6324", "kNN-Shapley": "#42d4f4", "TRAK": "#e6194b",
-    "datamodels (LASSO)": "#4363d8", "datamodels (ridge)": "#800000", "datamodels (difference of means)": "#f58231"}
+    "TracIn": "#3cb44b", "exact unrolling": "#800000", "truncated unrolling": "#e377c2", "SOURCE": "#911eb4",
+    "last-layer influence": "#2f4f4f", "kNN": "#b8860b", "kNN-Shapley": "#7b68ee", "TRAK": "#e6194b",
+    "datamodels (LASSO)": "#4363d8", "datamodels (ridge)": "#7b4173", "datamodels (difference of means)": "#637939"}
+
+
+def _dodge(table, order, g_name: str, floor: float, step: float = 1.22, dx: float = 0.07, dy: float = 0.02) -> dict:
+    """{key: factor}: every method's points are drawn at factor x their seconds (one factor for all its points and
+    panels), the first of 1, step, 1/step, step^2, 1/step^2 that keeps them clear of the methods placed before it
+    in ``order`` (apart by at least ``dx`` in log10 seconds or ``dy`` in LDS, on the panel ``g_name``); the least
+    crowded of them if none does."""
+    import numpy as np
+
+    placed_x, placed_y, out = np.empty(0), np.empty(0), {}
+    for key in order:
+        part = table[table["key"] == key]
+        lx = np.log10(part["total s"].clip(lower=floor).to_numpy(float))
+        y = np.array([s.mean for s in part[g_name]], float)
+        best = None
+        for f in (1.0, step, 1 / step, step ** 2, step ** -2):
+            near = (np.abs(lx[:, None] + np.log10(f) - placed_x[None, :]) < dx) & (np.abs(y[:, None] - placed_y) < dy)
+            if best is None or near.sum() < best[0]:
+                best = (int(near.sum()), f)
+            if best[0] == 0:
+                break
+        out[key] = best[1]
+        placed_x, placed_y = np.concatenate([placed_x, lx + np.log10(best[1])]), np.concatenate([placed_y, y])
+    return out
 
 
 def landscape(table, panels, ceiling=None, floor: float = 0.01, title: str | None = None,
               ylabel: str = "LDS, evaluation targets (Spearman, 95% interval)",
-              own_attributes=("the fixed-seed run", "none")):
+              own_attributes=("the fixed-seed run", "none"), alone=()):
     """Chapter 07's figure: LDS against compute, one panel per ground truth, and the legend in a column of its own.
 
     table: a pandas DataFrame, one row per method and budget, with the columns "key" (a ``landscape.COURSE_METHODS``
     key), "family", "budget" (a number or None), "attributes", "attribution s", "total s" (seconds, training
-    included) and one column per name in ``panels`` holding LDS results (``.mean`` and ``.ci``). panels: the
-    ground-truth columns, one panel each; the first is the seed-averaged one, the only one with a noise ceiling
-    (``ceiling``: an LDS result drawn as a grey band with its mean dotted; None: no ceiling). In the other panels a
-    method is drawn hollow unless its "attributes" is in ``own_attributes`` (it attributes the very run the
-    ground truth retrains, or no model at all).
+    included) and one column per name in ``panels`` holding LDS results (``.mean`` and ``.ci``); "method" (the row's
+    label) when ``alone`` is given. panels: the ground-truth columns, one panel each; the first is the seed-averaged
+    one, the only one with a noise ceiling (``ceiling``: an LDS result drawn as a grey band with its mean dotted;
+    None: no ceiling). In the other panels a method is drawn hollow unless its "attributes" is in ``own_attributes``
+    (it attributes the very run the ground truth retrains, or no model at all). alone: row labels drawn as a point of
+    their own, not joined to their method's budgets (another estimator under the same key, e.g. TracIn over every
+    step beside TracInCP's checkpoints), named beside the point.
 
     Each point sits at its total seconds (log axis), with a thin line to its left down to its attribution seconds
     alone; a method's budgets are joined, its largest budget written beside the curve's end and the range of its
-    budgets in the legend. Model-free rules (milliseconds) are drawn at ``floor`` seconds, and each method is nudged up to
-    25% sideways so that no point hides another. The dashed step line is the frontier (``landscape.pareto_front`` of
-    total seconds and LDS means). Markers by family (``LANDSCAPE_MARKERS``), colours by method
-    (``LANDSCAPE_COLOURS``: distinct within a family).
-    Returns the figure; save it with ``savefig``."""
+    budgets in the legend. Seconds under ``floor`` (the model-free rules' milliseconds) are drawn at ``floor``, and a
+    method whose points would hide another's is nudged up to 50% sideways (``_dodge``). The dashed step line is the
+    frontier (``landscape.pareto_front`` of total seconds and LDS means). Markers by family (``LANDSCAPE_MARKERS``),
+    colours by method (``LANDSCAPE_COLOURS``). Returns the figure; save it with ``savefig``."""
     import numpy as np
 
     from .landscape import COURSE_METHODS, FAMILIES, pareto_front
@@ -92,29 +117,39 @@ def landscape(table, panels, ceiling=None, floor: float = 0.01, title: str | Non
                                                                list(COURSE_METHODS).index(k)))
     spare = iter(plt.cm.tab20.colors)  # a method added to the course and not yet given a colour here
     colour = {key: LANDSCAPE_COLOURS.get(key) or next(spare) for key in order}
+    lone = table["method"].isin(list(alone)).to_numpy() if len(alone) else np.zeros(len(table), bool)
+    nudge = _dodge(table, order, panels[0], floor)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(7 * len(panels) + 2.6, 6.6),
                              gridspec_kw={"width_ratios": [1] * len(panels) + [0.36]})
     handles, span = {}, {}
     for p, (ax, g_name) in enumerate(zip(axes, panels)):
-        for j, key in enumerate(order):
-            part = table[table["key"] == key].sort_values("budget")
-            mean = np.array([s.mean for s in part[g_name]])
-            lo = np.array([s.ci[0] for s in part[g_name]])
-            hi = np.array([s.ci[1] for s in part[g_name]])
-            nudge = 1.12 ** (j % 5 - 2)
-            x = part["total s"].clip(lower=floor).to_numpy() * nudge
-            filled = p == 0 or part["attributes"].iloc[0] in own_attributes
-            c = colour[key]
-            ax.hlines(mean, part["attribution s"].clip(lower=floor) * nudge, x, color=c, lw=0.8, alpha=0.45)
-            h = ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt=LANDSCAPE_MARKERS[COURSE_METHODS[key][0]] + "-",
-                            ms=7, capsize=2, color=c, mfc=c if filled else "white", mew=1.2, elinewidth=0.8, lw=1.3)
-            handles.setdefault(key, h)
-            budgets = [b for b in part["budget"] if b is not None and b == b]
-            if len(budgets) > 1:  # the largest budget beside the curve's end; the range is in the legend
-                span[key] = f"{budgets[0]:g}-{budgets[-1]:g}"
-                ax.annotate(f"{budgets[-1]:g}", (x[-1], mean[-1]), textcoords="offset points", xytext=(5, 3),
-                            fontsize=7, color=c, fontweight="bold",
-                            bbox=dict(fc="white", ec="none", alpha=0.75, pad=0.3))
+        for key in order:
+            mine = (table["key"] == key).to_numpy()
+            c, marker = colour[key], LANDSCAPE_MARKERS[COURSE_METHODS[key][0]]
+            for part, joined in ((table[mine & ~lone].sort_values("budget"), True), (table[mine & lone], False)):
+                if not len(part):
+                    continue
+                mean = np.array([s.mean for s in part[g_name]])
+                lo = np.array([s.ci[0] for s in part[g_name]])
+                hi = np.array([s.ci[1] for s in part[g_name]])
+                x = part["total s"].clip(lower=floor).to_numpy() * nudge[key]
+                filled = p == 0 or part["attributes"].iloc[0] in own_attributes
+                ax.hlines(mean, part["attribution s"].clip(lower=floor) * nudge[key], x, color=c, lw=0.8, alpha=0.45)
+                h = ax.errorbar(x, mean, yerr=[mean - lo, hi - mean], fmt=marker + ("-" if joined else ""), ms=7,
+                                capsize=2, color=c, mfc=c if filled else "white", mew=1.2, elinewidth=0.8, lw=1.3)
+                handles.setdefault(key, h)
+                if not joined:  # name the lone point by what its label adds to the method's name
+                    for xi, yi, label in zip(x, mean, part["method"]):
+                        ax.annotate(label.removeprefix(key).lstrip(", ") or label, (xi, yi),
+                                    textcoords="offset points", xytext=(5, -10), fontsize=7, color=c, zorder=6,
+                                    bbox=dict(fc="white", ec="none", alpha=0.75, pad=0.3))
+                    continue
+                budgets = [b for b in part["budget"] if b is not None and b == b]
+                if len(budgets) > 1:  # the largest budget beside the curve's end; the range is in the legend
+                    span[key] = f"{budgets[0]:g}-{budgets[-1]:g}"
+                    ax.annotate(f"{budgets[-1]:g}", (x[-1], mean[-1]), textcoords="offset points", xytext=(5, 3),
+                                fontsize=7, color=c, fontweight="bold", zorder=6,
+                                bbox=dict(fc="white", ec="none", alpha=0.75, pad=0.3))
         means = table[g_name].map(lambda s: s.mean)
         front = pareto_front(table["total s"], means)
         ax.step(table["total s"].iloc[front].clip(lower=floor), means.iloc[front], where="post", ls="--", lw=1,
@@ -126,8 +161,8 @@ def landscape(table, panels, ceiling=None, floor: float = 0.01, title: str | Non
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel(f"CPU seconds on this machine (log scale): training the models\na method needs + attribution; "
-                      f"thin line: down to attribution alone;\nmodel-free rules drawn at {floor:g} s; points nudged up "
-                      "to 25% sideways", fontsize=9)
+                      f"thin line: down to attribution alone;\ntimes under {floor:g} s drawn at {floor:g} s; points "
+                      "nudged up to 50% sideways", fontsize=9)
         ax.set_ylabel(ylabel)
         ax.set_title(f"{g_name} ground truth" + ("" if p == 0 else "\n(hollow: the method attributes other models "
                                                                    "than the run this ground truth retrains)"),
