@@ -178,3 +178,23 @@ def test_landscape_colours_tell_methods_apart():
         assert len(set(colours)) == len(colours), fam
     colours = [c.lower() for c in plots.LANDSCAPE_COLOURS.values()]
     assert len(set(colours)) == len(colours)
+
+
+def test_dodge_moves_a_method_only_where_it_would_hide_another():
+    """Two datamodels at the same cost and LDS (chapter 07's ridge and difference of means) are drawn apart; a method
+    with room of its own stays where it is."""
+    pd = pytest.importorskip("pandas")
+    import math
+
+    from course_lib import plots
+
+    class R:
+        def __init__(self, mean):
+            self.mean = mean
+
+    table = pd.DataFrame([{"key": k, "total s": t, "seed-averaged": R(v)} for k, t, v in
+                          (("datamodels (ridge)", 1770.0, 0.167), ("datamodels (difference of means)", 1768.0, 0.165),
+                           ("random", 0.0, 0.0), ("TRAK", 1768.0, 0.4))])
+    nudge = plots._dodge(table, list(table["key"]), "seed-averaged", floor=0.01)
+    assert nudge["datamodels (ridge)"] == nudge["random"] == nudge["TRAK"] == 1.0
+    assert abs(math.log10(nudge["datamodels (difference of means)"])) >= 0.07
