@@ -58,7 +58,7 @@ COURSE_METHODS = {
                              "06"),
     "kNN": ("surrogate", ["surrogate.knn_scores", "surrogate.knn_from_features"], "06"),
     "kNN-Shapley": ("surrogate", ["surrogate.knn_shapley", "surrogate.knn_shapley_from_features"], "06"),
-    "TRAK": ("surrogate", ["trak.trak", "trak.trak_sweep"], "06"),
+    "TRAK": ("surrogate", ["trak.trak", "trak.trak_sweep", "trak.trak_damping_sweep"], "06"),
     "datamodels (LASSO)": ("datamodels", ["datamodels.fit_lasso", "datamodels.fit"], "03"),
     "datamodels (ridge)": ("datamodels", ["datamodels.fit_ridge"], "03"),
     "datamodels (difference of means)": ("datamodels", ["datamodels.difference_of_means"], "03"),

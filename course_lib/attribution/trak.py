@@ -326,9 +326,45 @@ def trak_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims
             for k, r in out.items()}
 
 
+def trak_damping_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims, dampings,
+                       kind: str = "rademacher", seed: int = 0, fn: str = "margin", batch_size: int = 256,
+                       chunk: int = 2048, progress: bool = True) -> dict:
+    """TRAK ensembled over ``models`` for every pair of a projection dimension k and a damping, for choosing the
+    damping per k. Each model's per-example gradients are computed once (unprojected: (n + T, p) in memory), then
+    projected to every k with the matrix ``trak`` uses for that model (seed + m), and each damping only re-solves
+    that k's kernel (``kernel_solve_dampings``). Unlike ``trak_sweep``, which keeps every model's (n, T) kernel
+    scores, this keeps only their mean over models, so that many (k, damping) pairs fit in memory.
+
+    Returns {"kernel": {k: {damping: (n, T) model-averaged kernel scores}}, "q": (n,) model-averaged Q,
+    "seconds": {k: seconds of the gradients, that k's projections and its solves for every damping, summed over
+    models}}. ``kernel[k][d] * q[:, None]`` equals ``trak(models, ..., proj_dim=k, damping=d).scores()``."""
+    p = sum(v[0].numel() for v in models.params.values())
+    proj_dims, dampings = [int(k) for k in proj_dims], list(dampings)
+    n, n_models = len(y_train), len(models)
+    x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
+    kernel = {k: dict.fromkeys(dampings, 0.0) for k in proj_dims}
+    seconds, q = dict.fromkeys(proj_dims, 0.0), 0.0
+    for m in tqdm(range(n_models), desc=f"TRAK k={proj_dims}, {len(dampings)} dampings", disable=not progress,
+                  leave=False):
+        params = models.state_of(m)
+        dtype = next(iter(params.values())).dtype
+        t0 = time.perf_counter()
+        g = featurize(models.net, params, x_all, y_all, fn=fn, batch_size=batch_size, chunk=chunk)  # (n + T, p)
+        q = q + out_to_loss(models.net, params, x_train, y_train) / n_models
+        t_grad = time.perf_counter() - t0
+        for k in proj_dims:
+            t0 = time.perf_counter()
+            phi = RandomProjection(p, k, kind, seed=seed + m, dtype=dtype, device=x_train.device).project(g)
+            for d, s in kernel_solve_dampings(phi[:n], phi[n:], dampings).items():
+                kernel[k][d] = kernel[k][d] + s / n_models
+            seconds[k] += t_grad + time.perf_counter() - t0
+        del g
+    return {"kernel": kernel, "q": q, "seconds": seconds}
+
+
 def traker_scores(models: Models, x_train, y_train, x_targets, y_targets, proj_dim: int = 2048,
                   projection: str = "traker", kind: str = "rademacher", seed: int = 0, lambda_reg: float = 0.0,
-                  batch_size: int = 256, save_dir=None) -> tuple[torch.Tensor, float]:
+                  batch_size: int = 256, save_dir=None, progress: bool = False) -> tuple[torch.Tensor, float]:
     """Scores of the reference implementation ``traker`` (MadryLab, pip package ``traker``) on the same models,
     for comparison; returns ((n_train, n_targets) scores, seconds). Needs ``traker`` installed.
 
@@ -338,10 +374,14 @@ def traker_scores(models: Models, x_train, y_train, x_targets, y_targets, proj_d
     from ``trak``: traker divides each model's (Phi^T Phi + lambda_reg I)^{-1} by the mean of its absolute entries
     (a per-model weight in the ensemble average; with one model only a global scale), lambda_reg is absolute on
     features divided by sqrt(p), and the undamped default lambda_reg=0 inverts the kernel as it is.
+    progress: show traker's own progress bars (off by default: they would fill a notebook cell).
     """
+    import contextlib
     import copy
     import tempfile
+    from unittest import mock
 
+    import trak.traker as traker_module
     from trak import TRAKer
     from trak.projectors import AbstractProjector
 
@@ -366,7 +406,8 @@ def traker_scores(models: Models, x_train, y_train, x_targets, y_targets, proj_d
     if projection not in ("traker", "ours"):
         raise ValueError(f"unknown projection {projection!r}; valid: traker, ours")
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:  # a fresh folder: traker's saver only works when it may 'load'
+    quiet = contextlib.nullcontext() if progress else mock.patch.object(traker_module, "tqdm", lambda it, **kw: it)
+    with tempfile.TemporaryDirectory() as tmp, quiet:  # a fresh folder: traker's saver only works when it may 'load'
         tk = TRAKer(model=net, task="image_classification", train_set_size=len(y_train), save_dir=save_dir or tmp,
                     load_from_save_dir=True, device="cpu", proj_dim=proj_dim, use_half_precision=False,
                     projector=_Ours() if projection == "ours" else None, projector_seed=seed,
