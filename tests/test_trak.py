@@ -324,6 +324,28 @@ def test_trak_sweep_equals_an_explicit_computation():
             assert torch.allclose(res.q[m], q, rtol=0, atol=1e-12)
 
 
+def test_trak_damping_sweep_equals_trak_for_every_damping():
+    """trak_damping_sweep (gradients once per model, every (k, damping) pair re-solved, only the mean over models
+    kept) against trak_sweep run once per damping on two logistic regressions: the same model-averaged kernel
+    scores, Q and scores for every pair. Giving every model one projection, mixing up the dampings or averaging
+    with the wrong weight would fail (the dampings' scores differ by far more than the tolerance)."""
+    ms, x, y, xt, yt = _logreg_models()
+    seed, dampings, ks = 5, [0.01, 0.3, 10.0], [8, 20]
+    swept = T.trak_damping_sweep(ms, x, y, xt, yt, proj_dims=ks, dampings=dampings, seed=seed, chunk=40,
+                                 progress=False)
+    assert sorted(swept["kernel"]) == ks and all(sorted(v) == dampings for v in swept["kernel"].values())
+    assert all(s > 0 for s in swept["seconds"].values())
+    for d in dampings:
+        ref = T.trak_sweep(ms, x, y, xt, yt, proj_dims=ks, seed=seed, damping=d, chunk=40, progress=False)
+        for k, res in ref.items():
+            scale = res.kernel_scores.abs().max().item()
+            assert (swept["kernel"][k][d] - res.kernel_scores.mean(0)).abs().max().item() < 1e-10 * scale, (k, d)
+            assert torch.allclose(swept["kernel"][k][d] * swept["q"][:, None], res.scores(), rtol=1e-8, atol=1e-12)
+        assert torch.allclose(swept["q"], ref[ks[0]].q.mean(0), rtol=0, atol=1e-12)
+    far = (swept["kernel"][20][0.01] - swept["kernel"][20][10.0]).abs().max().item()
+    assert far > 1e-3 * swept["kernel"][20][0.01].abs().max().item()
+
+
 def test_projection_overflow_is_an_error_not_inf():
     """float16 holds at most 65504: projecting large gradients in half precision overflows. That must stop with an
     error where it happens, not turn every later score into inf or NaN."""
