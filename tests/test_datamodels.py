@@ -205,3 +205,40 @@ def test_fit_dispatch_predict_and_examples_always_in_or_out():
     assert (f.weights[:2] == 0).all() and (f.weights[2:] != 0).all()
     m = masks[:5]
     assert torch.allclose(f.predict(m), torch.stack([f.bias + f.weights[row].sum(0) for row in m]))
+
+
+def test_keep_largest_keeps_each_targets_k_largest_absolute_weights():
+    W = torch.tensor([[3.0, 0.1], [-5.0, 0.2], [1.0, -0.3], [0.5, 0.0]])
+    cut = dm.keep_largest(W, torch.tensor([2, 1]))
+    assert torch.equal(cut, torch.tensor([[3.0, 0.0], [-5.0, 0.0], [0.0, -0.3], [0.0, 0.0]]))
+    assert torch.equal(dm.keep_largest(W, 0), torch.zeros_like(W))
+    assert torch.equal(dm.keep_largest(W, 4), W)
+    # a broken cut that keeps the largest signed weights would drop -5 and keep 1: the test above sees it
+    assert not torch.equal(cut, torch.where(W.argsort(0, descending=True).argsort(0) < 2, W, 0 * W))
+    for bad in (5, -1, torch.tensor([1, 2, 3]), 1.5):
+        with pytest.raises(ValueError):
+            dm.keep_largest(W, bad)
+
+
+def test_gradient_factor_ok_accepts_the_right_factor_only():
+    assert dm.gradient_factor_ok(lambda p: p * (1 - p))
+    assert dm.gradient_factor_ok(lambda p: p - p ** 2)
+    for wrong in (lambda p: 0.25, lambda p: p, lambda p: 1 - p, lambda p: p ** 2, lambda p: 0.21,
+                  lambda p: 2 * p * (1 - p)):
+        assert not dm.gradient_factor_ok(wrong)
+    with pytest.raises(TypeError):
+        dm.gradient_factor_ok(0.25)  # a number, not a function: exercises.check reports the error
+
+
+def test_exercise_references_of_chapter_03():
+    budgets = [25, 50, 100, 200, 400]
+    ref = dm.exercise_references(budgets, [0.0, 0.1, 0.2, 0.3, 0.4], [0, 1, 3, 8, 12], ceiling_mean=0.5)
+    assert ref[3] == "denser"
+    # the line through the last 4 points: 0.1 + 0.1 log2(m / 50), reaches 0.45 at log2(m / 50) = 3.5
+    assert ref[5] == pytest.approx(50 * 2 ** 3.5, rel=1e-9)
+    assert dm.exercise_references(budgets[:2], [0.1, 0.1], [5, 2], 0.5) == {3: "sparser", 5: float("inf")}
+    assert dm.exercise_references([64], [0.1], [0], 0.5) == {3: "unchanged", 5: float("inf")}
+    with pytest.raises(ValueError):
+        dm.exercise_references([50, 25], [0.1, 0.2], [1, 2], 0.5)
+    with pytest.raises(ValueError):
+        dm.exercise_references([25, 50], [0.1], [1, 2], 0.5)

@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import retrain
@@ -425,3 +426,82 @@ def fit(method: str, td_or_masks, outputs=None, **kw) -> Fit:
     if method not in fns:
         raise ValueError(f"unknown datamodel method {method!r}; valid: {', '.join(fns)}")
     return fns[method](masks, outputs, **kw)
+
+
+# ------------------------------------------------------------------------------------------------ chapter 03 helpers
+def keep_largest(weights, k) -> torch.Tensor:
+    """weights (n_train, T) with all but the ``k`` largest absolute weights of each target set to 0.
+
+    k: an int for every target, or a (T,) integer tensor, one count per target (e.g. how many weights the LASSO
+    kept for it), each between 0 and n_train. Chapter 03 cuts the dense estimators to the LASSO's count this way,
+    to ask whether their many small weights carry signal or noise. Ties at the cut are kept in ``torch.sort``'s
+    order."""
+    W = torch.as_tensor(weights)
+    if W.ndim != 2:
+        raise ValueError(f"weights must have shape (n_train, T), got {tuple(W.shape)}")
+    n, T = W.shape
+    k = torch.as_tensor(k)
+    if k.is_floating_point() or k.dtype == torch.bool or k.ndim > 1 or (k.ndim == 1 and len(k) != T):
+        raise ValueError(f"k must be an int or a ({T},) integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
+    k = torch.broadcast_to(k.long(), (T,)).to(W.device)
+    if not bool(((k >= 0) & (k <= n)).all()):
+        raise ValueError(f"every k must lie between 0 and n_train = {n}, got {k.min().item()}..{k.max().item()}")
+    rank = W.abs().argsort(0, descending=True, stable=True).argsort(0)  # (n, T): 0 = the target's largest |weight|
+    return torch.where(rank < k[None, :], W, torch.zeros_like(W))
+
+
+def gradient_factor_ok(c_of_p, alphas=(0.3, 0.7), n: int = 40, m: int = 200, seed: int = 0,
+                       rtol: float = 1e-5) -> bool:
+    """Chapter 03's exercise 2, checked without showing its answer: True when ``c_of_p`` (a function of one float
+    p, the share of subsets that hold an example) gives, for every example, the factor c_i in
+
+        (X_c^T y_c / m)_i = c_i (ybar_in - ybar_out)_i
+
+    (minus the first gradient of least squares at tau = 0, against the difference of means), on random subsets
+    of size about alpha * n for each alpha in ``alphas`` and random outputs; p_i = m_i / m differs from example to
+    example, so a constant that happens to fit one alpha does not pass. Raises whatever ``c_of_p`` raises (the
+    exercise check reports it)."""
+    g = torch.Generator().manual_seed(seed)
+    for alpha in alphas:
+        X = (torch.rand(m, n, generator=g) < alpha).double()
+        y = torch.randn(m, generator=g, dtype=torch.float64)
+        p = X.mean(0)
+        if not bool(((p > 0) & (p < 1)).all()):
+            raise RuntimeError("an example in every subset or in none: draw more subsets")
+        grad0 = (X - p).T @ (y - y.mean()) / m
+        y_in = X.T @ y / X.sum(0)
+        y_out = (1 - X).T @ y / (1 - X).sum(0)
+        factor = grad0 / (y_in - y_out)
+        answer = torch.tensor([float(c_of_p(float(pi))) for pi in p], dtype=torch.float64)
+        if not torch.allclose(answer, factor, rtol=rtol, atol=1e-12):
+            return False
+    return True
+
+
+def exercise_references(budgets, lasso_lds, lasso_nonzero, ceiling_mean: float, last: int = 4) -> dict:
+    """Chapter 03's checked exercises 3 and 5, answered from the chapter's run. Kept in the library so that the
+    student copy's check cells pass the learner's answers and these references to ``exercises.check`` without
+    showing a solution.
+
+    budgets: the budgets (numbers of models), increasing; lasso_lds: the LASSO's LDS means at them; lasso_nonzero:
+    the LASSO's median number of non-zero weights per target at them; ceiling_mean: the noise ceiling's mean.
+    3: "denser", "sparser" or "unchanged": the median non-zero count at the largest budget against the smallest;
+    5: the number of models m at which the line a + b log m, fitted by least squares to the ``last`` largest
+    budgets (all of them if there are fewer), reaches 0.9 x ceiling_mean (inf when the fitted slope is not
+    positive or fewer than two budgets are given)."""
+    budgets = np.asarray(budgets, float)
+    lasso_lds, lasso_nonzero = np.asarray(lasso_lds, float), np.asarray(lasso_nonzero, float)
+    if not len(budgets) == len(lasso_lds) == len(lasso_nonzero) or len(budgets) == 0:
+        raise ValueError(f"budgets, lasso_lds and lasso_nonzero must have one length > 0, got {len(budgets)}, "
+                         f"{len(lasso_lds)}, {len(lasso_nonzero)}")
+    if not (np.diff(budgets) > 0).all():
+        raise ValueError(f"budgets must increase, got {budgets.tolist()}")
+    first, final = lasso_nonzero[0], lasso_nonzero[-1]
+    word = "denser" if final > first else "sparser" if final < first else "unchanged"
+    m_90 = float("inf")
+    if len(budgets) >= 2:
+        slope, intercept = np.polyfit(np.log(budgets[-last:]), lasso_lds[-last:], 1)
+        if slope > 0:
+            with np.errstate(over="ignore"):  # a nearly flat line: inf, not a warning
+                m_90 = float(np.exp((0.9 * ceiling_mean - intercept) / slope))
+    return {3: word, 5: m_90}
