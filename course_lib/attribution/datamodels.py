@@ -446,7 +446,7 @@ def keep_largest(weights, k) -> torch.Tensor:
     k = torch.broadcast_to(k.long(), (T,)).to(W.device)
     if not bool(((k >= 0) & (k <= n)).all()):
         raise ValueError(f"every k must lie between 0 and n_train = {n}, got {k.min().item()}..{k.max().item()}")
-    rank = W.abs().argsort(0, descending=True, stable=True).argsort(0)  # (n, T): 0 = the target's largest |weight|
+    rank = W.abs().argsort(dim=0, descending=True, stable=True).argsort(dim=0)  # (n, T): 0 = the target's largest |weight|
     return torch.where(rank < k[None, :], W, torch.zeros_like(W))
 
 
