@@ -89,8 +89,7 @@ BUILDING_BLOCKS = {
     "what influence functions estimate (Bae et al. 2022's PBRF; chapter 01)": ["pbrf.pbrf_response", "pbrf.pbrf_effect"],
     "the datamodels' training data": ["datamodels.training_spec", "datamodels.training_masks",
                                       "datamodels.training_data", "datamodels.cached_models"],
-    "chapter 03's analysis and exercise references": ["datamodels.keep_largest", "datamodels.gradient_factor_ok",
-                                                      "datamodels.exercise_references"],
+    "chapter 03's analysis": ["datamodels.keep_largest", "datamodels.gradient_factor_ok"],
 }
 
 
@@ -256,25 +255,6 @@ def best_within(labels, lds_means, seconds, budget: float):
                          f"{len(lds_means)}, {len(seconds)}")
     ok = np.flatnonzero(seconds <= budget)
     return labels[ok[np.argmax(lds_means[ok])]] if len(ok) else None
-
-
-FAST_BUDGET = 10.0  # exercise 2's budget (total seconds, with training 10 times cheaper)
-
-
-def exercise_references(table) -> dict:
-    """Chapter 07's checked exercises, answered from its landscape table (a pandas DataFrame with the columns
-    "method", "seed-averaged" (LDS results with ``.mean``), "attribution s", "training s", "total s" and
-    "identical class"). Kept in the library so that the student copy's check cells call ``exercises.check`` with
-    the learner's answers and these references, without showing a solution.
-    1: the best method within the table's median total seconds; 2: the best within ``FAST_BUDGET`` seconds if
-    training were 10 times cheaper; 3: how many rows pass the identical-class test at 90% or more with an LDS below
-    40% of the best one's."""
-    lds_means = table["seed-averaged"].map(lambda s: s.mean).to_numpy(float)
-    fast_total = table["attribution s"].to_numpy(float) + table["training s"].to_numpy(float) / 10
-    return {1: best_within(table["method"], lds_means, table["total s"], float(table["total s"].median())),
-            2: best_within(table["method"], lds_means, fast_total, FAST_BUDGET),
-            3: int(((table["identical class"].to_numpy(float) >= 0.9) & (lds_means < 0.4 * lds_means.max())).sum())}
-
 
 
 # the methods that need one model and its gradients only: the cross-dataset check runs them on a model trained on the

@@ -228,17 +228,3 @@ def test_gradient_factor_ok_accepts_the_right_factor_only():
         assert not dm.gradient_factor_ok(wrong)
     with pytest.raises(TypeError):
         dm.gradient_factor_ok(0.25)  # a number, not a function: exercises.check reports the error
-
-
-def test_exercise_references_of_chapter_03():
-    budgets = [25, 50, 100, 200, 400]
-    ref = dm.exercise_references(budgets, [0.0, 0.1, 0.2, 0.3, 0.4], [0, 1, 3, 8, 12], ceiling_mean=0.5)
-    assert ref[3] == "denser"
-    # the line through the last 4 points: 0.1 + 0.1 log2(m / 50), reaches 0.45 at log2(m / 50) = 3.5
-    assert ref[5] == pytest.approx(50 * 2 ** 3.5, rel=1e-9)
-    assert dm.exercise_references(budgets[:2], [0.1, 0.1], [5, 2], 0.5) == {3: "sparser", 5: float("inf")}
-    assert dm.exercise_references([64], [0.1], [0], 0.5) == {3: "unchanged", 5: float("inf")}
-    with pytest.raises(ValueError):
-        dm.exercise_references([50, 25], [0.1, 0.2], [1, 2], 0.5)
-    with pytest.raises(ValueError):
-        dm.exercise_references([25, 50], [0.1], [1, 2], 0.5)

@@ -110,29 +110,13 @@ def test_records_say_which_parameters_produced_them(tmp_path):
     assert row["chapter parameters"] == "none given" and row["changed fields"] == "none"
 
 
-def test_best_within_and_exercise_references():
-    pd = pytest.importorskip("pandas")
+def test_best_within():
     labels, lds_means, secs = ["a", "b", "c"], [0.1, 0.3, 0.5], [1.0, 10.0, 100.0]
     assert landscape.best_within(labels, lds_means, secs, 10.0) == "b"
     assert landscape.best_within(labels, lds_means, secs, 1000.0) == "c"
     assert landscape.best_within(labels, lds_means, secs, 0.5) is None
     with pytest.raises(ValueError, match="one length"):
         landscape.best_within(labels, lds_means, secs[:2], 1.0)
-
-    class R:  # an LDS result: only .mean is read
-        def __init__(self, mean):
-            self.mean = mean
-
-    table = pd.DataFrame({"method": labels, "seed-averaged": [R(v) for v in lds_means],
-                          "attribution s": [1.0, 5.0, 50.0], "training s": [0.0, 50.0, 5000.0],
-                          "identical class": [0.95, 0.2, 0.99]})
-    table["total s"] = table["attribution s"] + table["training s"]
-    ref = landscape.exercise_references(table)
-    assert landscape.FAST_BUDGET == 10.0
-    # median total 55 s; 5 + 50 / 10 s <= 10 (55 s as it is); only "a" is >= 0.9 and < 40% of 0.5
-    assert ref == {1: "b", 2: "b", 3: 1}
-    table.loc[1, "training s"] = 60.0  # 5 + 6 s: over the budget even with training 10 times cheaper
-    assert landscape.exercise_references(table)[2] == "a"
 
 
 def test_cross_dataset_needs_every_choice():

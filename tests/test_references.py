@@ -1,9 +1,10 @@
-"""The reference answers of chapter 06's checked exercises (course_lib.trak_exercises), on small planted inputs."""
+"""The reference answers of the chapters' checked exercises (course_lib.references), on small planted inputs."""
 import pytest
 import torch
 
 from course_lib import lds
-from course_lib import trak_exercises as X
+from course_lib.references import ch03, ch07
+from course_lib.references import ch06 as X
 from course_lib.attribution import trak
 
 
@@ -45,3 +46,37 @@ def test_with_r_puts_the_gauss_newton_weights_inside_the_kernel():
     got = X.with_r(phi, phi_t, q, 0.05, gt)
     assert got.mean > 0.999
     assert lds.lds(trak.glm_influence(phi, phi_t, q, 0.05), gt, part="eval").mean < got.mean - 1e-3
+
+
+def test_chapter_03_answers():
+    budgets = [25, 50, 100, 200, 400]
+    ref = ch03.answers(budgets, [0.0, 0.1, 0.2, 0.3, 0.4], [0, 1, 3, 8, 12], ceiling_mean=0.5)
+    assert ref[3] == "denser"
+    # the line through the last 4 points: 0.1 + 0.1 log2(m / 50), reaches 0.45 at log2(m / 50) = 3.5
+    assert ref[5] == pytest.approx(50 * 2 ** 3.5, rel=1e-9)
+    assert ch03.answers(budgets[:2], [0.1, 0.1], [5, 2], 0.5) == {3: "sparser", 5: float("inf")}
+    assert ch03.answers([64], [0.1], [0], 0.5) == {3: "unchanged", 5: float("inf")}
+    with pytest.raises(ValueError):
+        ch03.answers([50, 25], [0.1, 0.2], [1, 2], 0.5)
+    with pytest.raises(ValueError):
+        ch03.answers([25, 50], [0.1], [1, 2], 0.5)
+
+
+def test_chapter_07_answers():
+    pd = pytest.importorskip("pandas")
+    labels, lds_means = ["a", "b", "c"], [0.1, 0.3, 0.5]
+
+    class R:  # an LDS result: only .mean is read
+        def __init__(self, mean):
+            self.mean = mean
+
+    table = pd.DataFrame({"method": labels, "seed-averaged": [R(v) for v in lds_means],
+                          "attribution s": [1.0, 5.0, 50.0], "training s": [0.0, 50.0, 5000.0],
+                          "identical class": [0.95, 0.2, 0.99]})
+    table["total s"] = table["attribution s"] + table["training s"]
+    ref = ch07.answers(table)
+    assert ch07.FAST_BUDGET == 10.0
+    # median total 55 s; 5 + 50 / 10 s <= 10 (55 s as it is); only "a" is >= 0.9 and < 40% of 0.5
+    assert ref == {1: "b", 2: "b", 3: 1}
+    table.loc[1, "training s"] = 60.0  # 5 + 6 s: over the budget even with training 10 times cheaper
+    assert ch07.answers(table)[2] == "a"

@@ -1,16 +1,13 @@
 """The reference answers of chapter 06's checked exercises (TRAK and the surrogate models).
 
-They live in the library, as chapter 07's do (``landscape.exercise_references``), so that a check cell calls
-``exercises.check`` with the learner's answer and a value computed here, and shows no solution: the student copy
-(``tools/make_student.py``) removes only the solution blocks, not what follows them. Each function computes what
-its exercise asks for, from the chapter's own objects, so the references hold in every setting.
+Why they live here: see ``course_lib.references``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import lds
-from .attribution import surrogate, trak
+from .. import lds
+from ..attribution import surrogate, trak
 
 
 def no_q_one_model(result: trak.TrakResult, gt: lds.GroundTruth) -> lds.Score:
