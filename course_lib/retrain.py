@@ -38,7 +38,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from . import train
 from .cache import atomic_save

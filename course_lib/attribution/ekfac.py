@@ -457,7 +457,7 @@ def fit_factors(net, state: dict, x, y, labels: str = "sampled", seed: int = 0, 
     """
     if labels not in LABELS:
         raise ValueError(f"unknown labels {labels!r}; valid: {', '.join(LABELS)}")
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     net.eval()
     layers = layers_of(net)

@@ -226,7 +226,7 @@ def solve_lissa(hvp, V: torch.Tensor, damping: float = 0.0, n: int | None = None
     damping). The result is averaged over ``repeats`` independent runs.
     """
     _check_rhs(V, damping)
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     g = torch.Generator().manual_seed(seed)
     total = torch.zeros_like(V)

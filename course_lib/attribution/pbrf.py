@@ -305,7 +305,7 @@ def pbrf_response(net, params: dict, x_train, y_train, removed, *, weight_decay:
     steps = torch.zeros(K, dtype=torch.long)
     products = 0
     dev = x_train.device
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
     for s in tqdm(range(0, K, group), disable=not progress, desc="PBRF", leave=False):
         idx = removed[s:s + group]

@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from .. import grads as G
 from .. import measure

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.func import functional_call, grad, vjp, vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: tqdm.auto warns in notebooks without ipywidgets
 
 from .. import grads, measure
 from ..models import has_batchnorm
