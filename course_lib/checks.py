@@ -87,6 +87,18 @@ def check_no_information(score, max_half_width: float, what: str) -> float:
     return score.mean
 
 
+def no_information_half_width(m: int, n_targets: int, slack: float = 1.5) -> float:
+    """The half-width that ``check_no_information`` should allow an LDS interval of scores without information,
+    from m subsets and n_targets targets: such a target's Spearman over m subsets has a standard deviation of
+    about 1 / sqrt(m - 1), independently across targets, so their mean has 1 / sqrt((m - 1) T); the two-way
+    bootstrap (``lds``) counts that spread up to sqrt(3) times (see ``course_lib.lds``), so the 95% half-width is at
+    most 1.96 sqrt(3) / sqrt((m - 1) T); ``slack`` (default 1.5) allows for the bootstrap's own noise.
+    Raises ValueError for m < 3 or n_targets < 1."""
+    if m < 3 or n_targets < 1:
+        raise ValueError(f"need at least 3 subsets and 1 target, got m={m}, n_targets={n_targets}")
+    return slack * 1.96 * np.sqrt(3) / np.sqrt((m - 1) * n_targets)
+
+
 def check_not_decreasing(values, slack: float, what: str):
     """A curve that should not fall (e.g. LDS against the number of ensembled models): no value is below an
     earlier one by more than ``slack``."""

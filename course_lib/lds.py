@@ -10,6 +10,12 @@ LDS of a score matrix tau (n_train, T): for each target t, the Spearman correlat
 prediction sum_{i in S_j} tau[i, t] and the recorded output (averaged over the k models); reported as the mean over
 targets with a 95% two-way bootstrap interval.
 
+The measurement: the ground truth records each model's margin; ``measure="loss"`` scores against each model's
+cross-entropy on the target instead, log(1 + exp(-margin)) (``measure.loss_from_margin``: exact, so nothing is
+retrained), averaged over the k models. Scores follow the course's sign convention for the measurement they are
+scored on: tau[i, t] is the effect of including i on the target's margin, or on its loss (an example that raises
+the margin lowers the loss).
+
 The interval (``lds`` and ``noise_ceiling``) is a bootstrap that resamples both sources of sampling error at once:
 each replicate draws the m subsets (rows of the ground truth: a subset's mask, hence its predictions, together with
 its recorded outputs) with replacement and, independently, the T targets (columns) with replacement; it recomputes
@@ -39,6 +45,7 @@ from scipy.stats import rankdata
 
 from .cache import atomic_save, cache_dir, cache_key
 from .data import Data
+from .measure import MEASURES, loss_from_margin
 from .retrain import model_seeds, subset_masks, train_outputs  # noqa: F401  (subset_masks: part of lds's API)
 from .settings import Setting
 
@@ -65,13 +72,22 @@ class GroundTruth:
     def k(self) -> int:
         return self.outputs.shape[1]
 
-    def target_outputs(self, targets=None, models=None) -> torch.Tensor:
-        """(m, T) outputs on the targets averaged over the models (all k, or the given model indices)."""
+    def target_outputs(self, targets=None, models=None, measure: str = "margin") -> torch.Tensor:
+        """(m, T) outputs on the targets averaged over the models (all k, or the given model indices); measure:
+        "margin" (as recorded) or "loss" (each model's cross-entropy, ``loss_from_margin``, then averaged)."""
         targets = self.target_idx if targets is None else torch.as_tensor(targets)
-        out = self.outputs[:, :, targets]
+        out = measured(self.outputs[:, :, targets], measure)
         if models is not None:
             out = out[:, torch.as_tensor(models)]
         return out.mean(1)
+
+
+def measured(margins: torch.Tensor, measure: str) -> torch.Tensor:
+    """Recorded margins as the given measurement: "margin" unchanged, "loss" = log(1 + exp(-margin)) computed in
+    float64. Raises ValueError for any other name."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown measure {measure!r}; valid: {', '.join(MEASURES)}")
+    return margins if measure == "margin" else loss_from_margin(margins.double())
 
 
 def ground_truth_spec(cfg: Setting) -> dict:
@@ -324,7 +340,7 @@ def _check_outputs(outputs: torch.Tensor):
 
 
 def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0, part: str | None = None,
-        n_boot: int = 2000) -> Score:
+        n_boot: int = 2000, measure: str = "margin") -> Score:
     """LDS of ``scores`` (n_train, T) against the ground truth, with a 95% two-way bootstrap interval.
 
     The mean is over the targets of the per-target Spearman correlations on all m subsets. The interval resamples
@@ -335,30 +351,35 @@ def lds(scores, gt: GroundTruth, targets=None, models=None, seed: int = 0, part:
     targets: indices into the test split for the T columns (default: the ground truth's targets).
     models: which of the k replicate models to average (default: all).
     part: "tune" or "eval" scores only that part of the T columns (``target_part``); None: all of them.
-    Raises ValueError on a wrong shape, non-finite scores or non-finite ground-truth outputs.
+    measure: "margin" (default) or "loss": what the scores predict (see the module docstring for the sign).
+    Raises ValueError on a wrong shape, non-finite scores, non-finite ground-truth outputs or an unknown measure.
     """
-    pred, actual = _predicted_and_actual(scores, gt, targets, models, part)
+    pred, actual = _predicted_and_actual(scores, gt, targets, models, part, measure)
     return two_way_bootstrap([pred, actual], [(0, 1)], n_boot=n_boot, seed=seed)[0]
 
 
 def lds_difference(scores_a, scores_b, gt: GroundTruth, targets=None, models=None, seed: int = 0,
-                   part: str | None = None, n_boot: int = 2000) -> Score:
+                   part: str | None = None, n_boot: int = 2000, measure: str = "margin",
+                   measure_b: str | None = None) -> Score:
     """The paired difference LDS(scores_a) - LDS(scores_b) on one ground truth, with a 95% two-way bootstrap interval
     that draws the same subsets and targets for both methods in every replicate (``two_way_bootstrap``). What the two
     share (which subsets and targets happen to be easy) cancels, so the interval is narrower than the two LDS
     intervals side by side suggest. An interval that excludes 0 says the two differ beyond the sampling of subsets
     and targets; it covers no other source of spread (another attributed model, another training seed).
     The mean equals ``lds(scores_a).mean - lds(scores_b).mean``; per_target holds the per-target differences; the
-    interval is clipped to [-1, 1] as in ``two_way_bootstrap``. Arguments and errors as in ``lds``."""
-    pred_a, actual = _predicted_and_actual(scores_a, gt, targets, models, part)
-    pred_b, _ = _predicted_and_actual(scores_b, gt, targets, models, part)
-    # Spearman(-b, y) = -Spearman(b, y) (ties included): the mean over the pairs (a, y) and (-b, y) is half of
-    # Spearman(a, y) - Spearman(b, y), so twice it is the difference, resampled on the same rows and columns
-    return two_way_bootstrap([pred_a, -pred_b, actual], [(0, 2), (1, 2)], transforms=(lambda r: 2 * r,),
+    interval is clipped to [-1, 1] as in ``two_way_bootstrap``. scores_a is scored on ``measure``, scores_b on
+    ``measure_b`` (default: the same), so one method can be compared with itself under the margin and the loss.
+    Other arguments and errors as in ``lds``."""
+    pred_a, actual_a = _predicted_and_actual(scores_a, gt, targets, models, part, measure)
+    pred_b, actual_b = _predicted_and_actual(scores_b, gt, targets, models, part,
+                                             measure if measure_b is None else measure_b)
+    # Spearman(-b, y) = -Spearman(b, y) (ties included): the mean over the pairs (a, y_a) and (-b, y_b) is half of
+    # Spearman(a, y_a) - Spearman(b, y_b), so twice it is the difference, resampled on the same rows and columns
+    return two_way_bootstrap([pred_a, actual_a, -pred_b, actual_b], [(0, 1), (2, 3)], transforms=(lambda r: 2 * r,),
                              n_boot=n_boot, seed=seed)[0]
 
 
-def _predicted_and_actual(scores, gt: GroundTruth, targets, models, part):
+def _predicted_and_actual(scores, gt: GroundTruth, targets, models, part, measure="margin"):
     scores = torch.as_tensor(scores)
     targets = gt.target_idx if targets is None else torch.as_tensor(targets)
     n = gt.masks.shape[1]
@@ -368,7 +389,7 @@ def _predicted_and_actual(scores, gt: GroundTruth, targets, models, part):
     if not torch.isfinite(scores).all():
         raise ValueError("scores contain NaN or infinite values")
     cols = target_part(len(targets), part)
-    actual = gt.target_outputs(targets[cols], models)
+    actual = gt.target_outputs(targets[cols], models, measure)
     _check_outputs(actual)
     return predictions(scores[:, cols], gt.masks), actual
 
@@ -404,7 +425,8 @@ def ceiling(r, k: int):
     return np.sqrt(k * rc / (1 + (k - 1) * rc))
 
 
-def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None = None, n_boot: int = 2000) -> dict:
+def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None = None, n_boot: int = 2000,
+                  measure: str = "margin", ks=()) -> dict:
     """How much of the ground truth any attribution could predict, given seed noise.
 
     ``one_vs_one``: mean per-target Spearman correlation, over the subsets, between two models trained with
@@ -412,21 +434,37 @@ def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None
     ``ceiling_1`` and ``ceiling_k``: the correlation that the best possible predictor (the seed-averaged output
     E[f(S)]) would reach against one model's outputs, and against the k-model average that LDS uses:
     sqrt(r) and sqrt(k r / (1 + (k - 1) r)) (Spearman-Brown, treating seed noise as independent across models).
+    ``ceiling_by_k``: {j: the same formula's ceiling against a j-model average} for every j in ``ks`` (an
+    extrapolation from r to ground truths with other numbers of models).
+    ``split_half`` (only when k >= 4): the ceiling of an h-model average, h = k // 2, measured without the formula:
+    the square root of the Spearman correlation between the averages of two disjoint halves of the replicates
+    (models 0..h-1 and h..2h-1), clipped at 0 per target. With independent seed noise that correlation is
+    ceiling_h^2, so it should agree with the formula's ceiling for h models; a gap says the formula's assumption
+    fails (it is exact for neither measurement in general; it is a check).
     Each is a Score: the mean over targets with a two-way bootstrap interval made as in ``lds`` (each replicate
     resamples the subsets, the rows of all k replicates' outputs together, and the targets; recomputes r per target
     on the resampled subsets, then each quantity, and averages over the resampled targets), so that the ceiling's
-    interval and an LDS interval measure the same sampling error. part: as in ``lds``.
+    interval and an LDS interval measure the same sampling error. part and measure: as in ``lds`` (r is the same
+    for both measurements, since the loss of one model is a decreasing function of its margin; the averages are not).
+    Raises ValueError for k < 2.
     """
     targets = gt.target_idx if targets is None else torch.as_tensor(targets)
     targets = targets[target_part(len(targets), part)]
-    _check_outputs(gt.outputs[:, :, targets])
-    out = gt.outputs[:, :, targets].numpy()
+    out = measured(gt.outputs[:, :, targets], measure)
+    _check_outputs(out)
+    out = out.numpy()
     k = gt.k
     if k < 2:
         raise ValueError("the noise ceiling needs at least two models per subset (gt_models >= 2)")
     pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
-
-    one, c1, ck = two_way_bootstrap([out[:, a] for a in range(k)], pairs,
-                                    (lambda r: r, lambda r: ceiling(r, 1), lambda r: ceiling(r, k)),
-                                    n_boot=n_boot, seed=seed)
-    return {"one_vs_one": one, "ceiling_1": c1, "ceiling_k": ck}
+    ks = [int(j) for j in ks]
+    transforms = [lambda r: r, lambda r: ceiling(r, 1), lambda r: ceiling(r, k)]
+    transforms += [lambda r, j=j: ceiling(r, j) for j in ks]
+    one, c1, ck, *by_k = two_way_bootstrap([out[:, a] for a in range(k)], pairs, transforms, n_boot=n_boot, seed=seed)
+    result = {"one_vs_one": one, "ceiling_1": c1, "ceiling_k": ck, "ceiling_by_k": dict(zip(ks, by_k))}
+    if k >= 4:
+        h = k // 2
+        halves = [out[:, :h].mean(1), out[:, h:2 * h].mean(1)]
+        result["split_half"] = two_way_bootstrap(halves, [(0, 1)], (lambda r: np.sqrt(np.clip(r, 0, 1)),),
+                                                 n_boot=n_boot, seed=seed)[0]
+    return result

@@ -27,6 +27,15 @@ def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
 
+def loss_from_margin(margin: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy -log p_y from the margin alone: log(1 + exp(-margin)) = softplus(-margin), exactly, for
+    any number of classes. The margin is log(p_y / (1 - p_y)), so p_y = sigmoid(margin). Hence a ground truth that
+    records every model's margin records its loss too, and for one model the two rank any set of training subsets
+    in exactly opposite orders; they differ once several models are averaged (mean loss is not a function of mean
+    margin). Any shape -> the same shape."""
+    return F.softplus(-margin)
+
+
 def get(name: str):
     if name == "margin":
         return margin

@@ -62,6 +62,25 @@ def test_check_no_information_passes_random_scores_and_fails_predictive_or_vague
         checks.check_no_information(random, 0.01, "random")
 
 
+def test_no_information_half_width_bounds_random_intervals_tightly():
+    """Random scores' two-way half-widths stay under the bound on fresh planted ground truths (m subsets, T targets)
+    and are not far below it: the bound is neither broken nor vacuous."""
+    for seed, (m, T) in enumerate([(100, 100), (24, 10), (60, 30)]):
+        g = torch.Generator().manual_seed(seed)
+        n = 80
+        masks = torch.rand(m, n, generator=g) < 0.5
+        w = torch.randn(n, T, generator=g, dtype=torch.float64)
+        outputs = (masks.double() @ w + 2.0 * torch.randn(m, T, generator=g, dtype=torch.float64))[:, None]
+        gt = GroundTruth(masks, outputs.float(), torch.ones(m, 1), torch.arange(T), {}, 0.0)
+        bound = checks.no_information_half_width(m, T)
+        for s in range(3):
+            r = lds.lds(torch.randn(n, T, generator=g), gt, n_boot=500, seed=s)
+            assert 0.4 * bound < (r.ci[1] - r.ci[0]) / 2 <= bound  # measured 0.54-0.87 of the bound
+            checks.check_no_information(r, bound, "random")
+    with pytest.raises(ValueError, match="at least 3 subsets"):
+        checks.no_information_half_width(2, 10)
+
+
 def test_check_small_and_not_decreasing():
     assert checks.check_small(1e-12, 1e-8, "difference") == 1e-12
     for bad in (1e-3, float("nan"), float("inf")):

@@ -222,6 +222,53 @@ def test_spearman_of_two_subsets():
     assert lds.spearman_columns(a, b).tolist() == [1.0, -1.0, 0.0]
 
 
+def test_noise_ceiling_extrapolates_and_measures_split_halves():
+    """ceiling_by_k holds the formula at other numbers of models (its k entry equals ceiling_k); split_half (k >= 4)
+    is the square root of the Spearman correlation of two disjoint half-averages, and with independent seed noise
+    it agrees with the formula's ceiling for k / 2 models; with noise shared by the first two replicates it does
+    not; k < 4 has no split_half."""
+    _, gt = _planted(k=4, noise=4.0, m=200, T=20)
+    nc = lds.noise_ceiling(gt, ks=(1, 2, 4, 32))
+    assert set(nc["ceiling_by_k"]) == {1, 2, 4, 32}
+    assert nc["ceiling_by_k"][4].mean == nc["ceiling_k"].mean and nc["ceiling_by_k"][1].mean == nc["ceiling_1"].mean
+    assert nc["ceiling_by_k"][1].mean < nc["ceiling_by_k"][2].mean < nc["ceiling_by_k"][32].mean <= 1
+    out = gt.outputs.numpy()
+    split = lds.spearman_columns(out[:, :2].mean(1), out[:, 2:4].mean(1))
+    assert np.allclose(nc["split_half"].per_target, np.sqrt(np.clip(split, 0, 1)))
+    assert nc["split_half"].ci[0] < nc["split_half"].mean < nc["split_half"].ci[1]
+    assert abs(nc["split_half"].mean - nc["ceiling_by_k"][2].mean) < 0.05
+    # noise shared by replicates 0 and 1 (not independent): the split halves disagree with the formula
+    shared = torch.randn(gt.m, 1, gt.outputs.shape[2], generator=torch.Generator().manual_seed(3)) * 8.0
+    corr = GroundTruth(gt.masks, gt.outputs + torch.cat([shared, shared, 0 * shared, 0 * shared], 1),
+                       gt.accuracy, gt.target_idx, {}, 0.0)
+    nc_corr = lds.noise_ceiling(corr, ks=(2,))
+    assert nc_corr["split_half"].mean < nc_corr["ceiling_by_k"][2].ci[0]
+    three = GroundTruth(gt.masks, gt.outputs[:, :3], gt.accuracy[:, :3], gt.target_idx, {}, 0.0)
+    assert "split_half" not in lds.noise_ceiling(three)
+
+
+def test_the_loss_measurement():
+    """measure="loss" scores against each model's log(1 + exp(-margin)) averaged over the models: with one model it
+    ranks the subsets in the opposite order of the margin, so negated scores get exactly the margin's LDS; with
+    several models the averages differ; the paired difference across measurements is their LDS difference; the
+    seed correlation r is the same under both; an unknown measure is refused with the valid names."""
+    tau, gt = _planted(T=8, m=60, k=3, noise=2.0)
+    one = GroundTruth(gt.masks, gt.outputs[:, :1], gt.accuracy[:, :1], gt.target_idx, {}, 0.0)
+    s = tau + torch.randn(tau.shape, generator=torch.Generator().manual_seed(4))
+    assert np.allclose(lds.lds(-s, one, measure="loss").per_target, lds.lds(s, one).per_target)
+    losses = torch.nn.functional.softplus(-gt.outputs.double()).mean(1)
+    assert torch.allclose(gt.target_outputs(measure="loss"), losses)
+    ref = lds.spearman_columns(lds.predictions(-s, gt.masks), losses.numpy())
+    assert np.allclose(lds.lds(-s, gt, measure="loss").per_target, ref)
+    assert not np.allclose(ref, lds.lds(s, gt).per_target)
+    d = lds.lds_difference(s, -s, gt, measure="margin", measure_b="loss")
+    assert d.mean == pytest.approx(lds.lds(s, gt).mean - lds.lds(-s, gt, measure="loss").mean, abs=1e-9)
+    assert np.allclose(lds.noise_ceiling(gt, measure="loss")["one_vs_one"].per_target,
+                       lds.noise_ceiling(gt)["one_vs_one"].per_target)
+    with pytest.raises(ValueError, match="unknown measure 'accuracy'; valid: margin, loss"):
+        lds.lds(s, gt, measure="accuracy")
+
+
 def test_noise_ceiling_equals_its_formula_on_every_target():
     """r_t = mean over the k(k-1)/2 pairs of replicates of their Spearman correlation (scipy), ceiling_1 =
     sqrt(max(r, 0)), ceiling_k = sqrt(k r / (1 + (k - 1) r)); a target whose replicates disagree (r < 0) gets
@@ -320,8 +367,8 @@ def test_lds_and_ceiling_means_are_the_plain_per_target_means():
     nc = lds.noise_ceiling(gt)
     assert nc["one_vs_one"].mean == lds.bootstrap(r).mean and np.array_equal(nc["one_vs_one"].per_target, r)
     assert nc["ceiling_1"].mean == lds.bootstrap(np.sqrt(np.clip(r, 0, 1))).mean
-    for v in nc.values():
-        assert v.ci[0] < v.mean < v.ci[1]
+    for key in ("one_vs_one", "ceiling_1", "ceiling_k"):
+        assert nc[key].ci[0] < nc[key].mean < nc[key].ci[1]
 
 
 def _fresh_ground_truth(rng, shared, n, m, T, c, spread, noise=3.0, k=2):

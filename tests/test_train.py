@@ -20,6 +20,18 @@ def test_margin_formula():
     assert torch.allclose(measure.loss(logits, y), torch.nn.functional.cross_entropy(logits, y, reduction="none"))
 
 
+def test_the_loss_is_a_function_of_the_margin():
+    """-log p_y = log(1 + exp(-margin)) exactly, for any number of classes and for confident or wrong predictions;
+    a wrong formula (the loss of the other classes' best logit, or softplus(margin)) fails."""
+    g = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(200, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (200,), generator=g)
+    m = measure.margin(logits, y)
+    assert m.min() < -5 and m.max() > 5  # both regimes are covered
+    assert torch.allclose(measure.loss_from_margin(m), measure.loss(logits, y), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(F.softplus(m), measure.loss(logits, y), atol=1e-3)
+
+
 def test_margin_broadcasts_over_models():
     logits = torch.randn(3, 5, 10)
     y = torch.randint(0, 10, (5,))
