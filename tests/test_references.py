@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from course_lib import lds
-from course_lib.references import ch03, ch07
+from course_lib.references import ch02, ch03, ch07
 from course_lib.references import ch06 as X
 from course_lib.attribution import trak
 
@@ -80,3 +80,28 @@ def test_chapter_07_answers():
     assert ref == {1: "b", 2: "b", 3: 1}
     table.loc[1, "training s"] = 60.0  # 5 + 6 s: over the budget even with training 10 times cheaper
     assert ch07.answers(table)[2] == "a"
+
+
+def test_chapter_02_answers():
+    """On a planted ground truth: the quarter-subsets interval is wider (about sqrt(4) = 2 times), a single model's
+    LDS is below the k-model average's when seed noise is large, and the restriction keeps the first m rows."""
+    g = torch.Generator().manual_seed(0)
+    n, m, T, k = 60, 80, 16, 4
+    masks = torch.rand(m, n, generator=g) < 0.5
+    tau = torch.randn(n, T, generator=g, dtype=torch.float64)
+    outputs = masks.double() @ tau
+    outputs = outputs[:, None, :] + 6.0 * torch.randn(m, k, T, generator=g, dtype=torch.float64)
+    gt = lds.GroundTruth(masks, outputs.float(), torch.ones(m, k), torch.arange(T), {}, 0.0)
+    few = ch02.first_subsets(gt, 20)
+    assert torch.equal(few.masks, masks[:20]) and torch.equal(few.outputs, gt.outputs[:20])
+    with pytest.raises(ValueError, match="m must lie"):
+        ch02.first_subsets(gt, 2)
+    assert 1.4 < ch02.width_ratio_quarter(tau, gt) < 3.0
+    assert 0.3 < ch02.one_seed_ratio(tau, gt) < 0.95
+
+
+def test_chapter_02_other_targets_are_the_first_non_targets(smoke_data):
+    idx = ch02.non_target_images(smoke_data, 50)
+    targets = set(smoke_data.target_idx.tolist())
+    assert len(idx) == 50 and not targets & set(idx.tolist()) and (idx.diff() > 0).all()
+    assert int(idx[0]) == min(set(range(len(smoke_data.y_test))) - targets)
