@@ -440,7 +440,11 @@ def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None
     the square root of the Spearman correlation between the averages of two disjoint halves of the replicates
     (models 0..h-1 and h..2h-1), clipped at 0 per target. With independent seed noise that correlation is
     ceiling_h^2, so it should agree with the formula's ceiling for h models; a gap says the formula's assumption
-    fails (it is exact for neither measurement in general; it is a check).
+    fails (it is exact for neither measurement in general; it is a check). ``split_half_k`` (only when k is even and
+    at least 4): the ceiling against the k-model average estimated from the same two halves, sqrt(2 rho / (1 + rho))
+    with rho their Spearman correlation: the k-model average is the mean of the two halves, so this needs no
+    assumption about single models, only that the two halves are alike (they are: the seeds are exchangeable).
+    It is the ceiling to use for a measurement whose single-model noise the formula from r describes badly.
     Each is a Score: the mean over targets with a two-way bootstrap interval made as in ``lds`` (each replicate
     resamples the subsets, the rows of all k replicates' outputs together, and the targets; recomputes r per target
     on the resampled subsets, then each quantity, and averages over the resampled targets), so that the ceiling's
@@ -464,7 +468,33 @@ def noise_ceiling(gt: GroundTruth, targets=None, seed: int = 0, part: str | None
     result = {"one_vs_one": one, "ceiling_1": c1, "ceiling_k": ck, "ceiling_by_k": dict(zip(ks, by_k))}
     if k >= 4:
         h = k // 2
-        halves = [out[:, :h].mean(1), out[:, h:2 * h].mean(1)]
-        result["split_half"] = two_way_bootstrap(halves, [(0, 1)], (lambda r: np.sqrt(np.clip(r, 0, 1)),),
-                                                 n_boot=n_boot, seed=seed)[0]
+        transforms = [lambda r: np.sqrt(np.clip(r, 0, 1))] + ([lambda r: ceiling(r, 2)] if k == 2 * h else [])
+        split = two_way_bootstrap(_halves(out, h), [(0, 1)], transforms, n_boot=n_boot, seed=seed)
+        result["split_half"] = split[0]
+        if k == 2 * h:
+            result["split_half_k"] = split[1]
     return result
+
+
+def _halves(out: np.ndarray, h: int) -> list:
+    """The averages of models 0..h-1 and h..2h-1 of outputs (m, k, T)."""
+    return [out[:, :h].mean(1), out[:, h:2 * h].mean(1)]
+
+
+def split_half_difference(gt: GroundTruth, measure_a: str = "margin", measure_b: str = "loss", targets=None,
+                          part: str | None = None, seed: int = 0, n_boot: int = 2000) -> Score:
+    """How much more the two halves of the seeds agree under ``measure_a`` than under ``measure_b``: the per-target
+    Spearman correlation between the averages of models 0..h-1 and h..2h-1 (h = k // 2) under measure_a, minus the
+    same under measure_b, averaged over targets, with a paired two-way interval (the same resampled subsets and
+    targets for both, as in ``lds_difference``). Positive: measure_a's seed average is the more reproducible, so any
+    attribution can predict it better. Raises ValueError for k < 4 and as ``measured`` for unknown measures."""
+    if gt.k < 4:
+        raise ValueError(f"the split-half comparison needs at least 4 models per subset, got k = {gt.k}")
+    targets = gt.target_idx if targets is None else torch.as_tensor(targets)
+    targets = targets[target_part(len(targets), part)]
+    h = gt.k // 2
+    a = _halves(measured(gt.outputs[:, :, targets], measure_a).numpy(), h)
+    b = _halves(measured(gt.outputs[:, :, targets], measure_b).numpy(), h)
+    # Spearman(-b0, b1) = -Spearman(b0, b1): twice the mean over the two pairs is the difference (see lds_difference)
+    return two_way_bootstrap([a[0], a[1], -b[0], b[1]], [(0, 1), (2, 3)], transforms=(lambda r: 2 * r,),
+                             n_boot=n_boot, seed=seed)[0]

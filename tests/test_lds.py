@@ -245,6 +245,28 @@ def test_noise_ceiling_extrapolates_and_measures_split_halves():
     assert nc_corr["split_half"].mean < nc_corr["ceiling_by_k"][2].ci[0]
     three = GroundTruth(gt.masks, gt.outputs[:, :3], gt.accuracy[:, :3], gt.target_idx, {}, 0.0)
     assert "split_half" not in lds.noise_ceiling(three)
+    # the k-model ceiling from the halves: sqrt(2 rho / (1 + rho)) per target, close to the formula's ceiling_k here
+    assert np.allclose(nc["split_half_k"].per_target, lds.ceiling(split, 2))
+    assert abs(nc["split_half_k"].mean - nc["ceiling_k"].mean) < 0.05
+    five = GroundTruth(gt.masks, torch.cat([gt.outputs, gt.outputs[:, :1]], 1), torch.ones(gt.m, 5), gt.target_idx,
+                       {}, 0.0)
+    assert "split_half" in lds.noise_ceiling(five) and "split_half_k" not in lds.noise_ceiling(five)
+
+
+def test_split_half_difference_is_paired():
+    """margin minus margin is exactly 0 with a zero-width interval; margin minus loss equals, per target, the
+    difference of the two split-half Spearman correlations; k < 4 is refused."""
+    _, gt = _planted(k=4, noise=2.0, m=120, T=12)
+    same = lds.split_half_difference(gt, "margin", "margin")
+    assert abs(same.mean) < 1e-12 and max(abs(same.ci[0]), abs(same.ci[1])) < 1e-12
+    out = gt.outputs.numpy()
+    rho = lambda o: lds.spearman_columns(o[:, :2].mean(1), o[:, 2:4].mean(1))  # noqa: E731
+    loss = torch.nn.functional.softplus(-gt.outputs.double()).numpy()
+    d = lds.split_half_difference(gt, "margin", "loss")
+    assert np.allclose(d.per_target, rho(out) - rho(loss))
+    with pytest.raises(ValueError, match="at least 4 models"):
+        lds.split_half_difference(GroundTruth(gt.masks, gt.outputs[:, :3], gt.accuracy[:, :3], gt.target_idx, {},
+                                              0.0))
 
 
 def test_the_loss_measurement():
