@@ -16,6 +16,21 @@ from torch.func import functional_call, grad, jvp, vmap
 from . import measure
 
 
+def _load_forward_ad_quietly() -> None:
+    """The first forward-mode product (``jvp``, and so every Hessian here) makes PyTorch script its jvp
+    decompositions with ``torch.jit.script``, which warns that ``torch.jit.script`` is deprecated: a notice about
+    PyTorch's internals, nothing this code or a learner can act on. Load them once here with that one warning
+    silenced (the later import is a no-op); every other warning still shows."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from torch._decomp import decompositions_for_jvp  # noqa: F401
+
+
+_load_forward_ad_quietly()
+
+
 def flatten(tensors: dict) -> torch.Tensor:
     """Concatenate a dict of tensors into one vector (in the dict's order)."""
     return torch.cat([t.reshape(-1) for t in tensors.values()])
