@@ -286,6 +286,18 @@ class CrossDataset:
         return {name: {k: same_source_rate(s, self.union.source_train, self.union.source_targets, k=k) for k in ks}
                 for name, s in self.scores.items()}
 
+    def rate_intervals(self, ks=(1, 10), n_boot: int = 2000, seed: int = 0) -> dict:
+        """{method: {k: lds.Score}}: the same-source rate of its top k (the mean equals ``rates``) with a 95%
+        percentile bootstrap interval over the targets (``lds.bootstrap`` of the per-target rates, so the interval
+        says how much the rate could move with other targets of the same two datasets)."""
+        from .checks import same_source_rate
+        from .lds import bootstrap
+
+        src_train, src_targets = self.union.source_train, self.union.source_targets
+        return {name: {k: bootstrap([same_source_rate(s[:, t:t + 1], src_train, src_targets[t:t + 1], k=k)
+                                     for t in range(s.shape[1])], n_boot=n_boot, seed=seed) for k in ks}
+                for name, s in self.scores.items()}
+
     def rates_by_target_source(self, k: int = 10) -> dict:
         """{method: [same-source rate of its top k over the MNIST targets, over the 8x8 digits' targets]}: which
         dataset's targets a method gets wrong."""

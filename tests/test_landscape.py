@@ -182,3 +182,22 @@ def test_dodge_moves_a_method_only_where_it_would_hide_another():
     nudge = plots._dodge(table, list(table["key"]), "seed-averaged", floor=0.01)
     assert nudge["datamodels (ridge)"] == nudge["random"] == nudge["TRAK"] == 1.0
     assert abs(math.log10(nudge["datamodels (difference of means)"])) >= 0.07
+
+
+def test_cross_dataset_rate_intervals_bootstrap_the_targets():
+    """Planted: 6 training images (3 per source), 4 targets; a method that ranks its own source first scores 1 with
+    no spread; one that is right for half the targets scores 0.5 with an interval that covers it."""
+    from types import SimpleNamespace
+
+    src_train, src_targets = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 0, 1, 1])
+    right = (src_train[:, None] == src_targets[None, :]).float()
+    half = right.clone()
+    half[:, 2:] = 1 - half[:, 2:]  # targets 2 and 3 rank the other source first
+    union = SimpleNamespace(source_train=src_train, source_targets=src_targets)
+    cross = landscape.CrossDataset(union, {"right": right, "half": half}, [1.0, 1.0], 0.0, 0.5, torch.ones(6))
+    got = cross.rate_intervals(ks=(1, 3), n_boot=500)
+    for k in (1, 3):
+        assert got["right"][k].mean == pytest.approx(1.0) and got["right"][k].ci == pytest.approx((1.0, 1.0))
+        assert got["half"][k].mean == pytest.approx(cross.rates(ks=(k,))["half"][k]) == pytest.approx(0.5)
+        lo, hi = got["half"][k].ci
+        assert lo < 0.5 < hi and 0.0 <= lo and hi <= 1.0
