@@ -210,6 +210,33 @@ def pearson_interval(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 
     return Score(float(np.corrcoef(x, y)[0, 1]), (float(lo), float(hi)), reps)
 
 
+def pearson_ceiling(per_seed, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Score:
+    """The noise ceiling of a Pearson R against a seed-averaged leave-one-out ground truth (``retrain.leave_one_out``
+    with ``per_seed=True``): per_seed (K, S) holds K removals' effects measured with S >= 2 seeds. r is the Pearson
+    correlation over the removals between two seeds' effects, averaged over the pairs of seeds; the ceiling is
+    ``ceiling(r, S)``, the R that the exact expected effects would reach against the S-seed mean. The interval
+    resamples the removals, as ``pearson_interval`` does for R itself."""
+    e = np.asarray(per_seed, dtype=np.float64)
+    if e.ndim != 2 or e.shape[1] < 2 or e.shape[0] < 3:
+        raise ValueError(f"per_seed must be (K >= 3 removals, S >= 2 seeds), got shape {e.shape}")
+    if not np.isfinite(e).all():
+        raise ValueError("pearson_ceiling got non-finite values")
+    S = e.shape[1]
+    pairs = [(a, b) for a in range(S) for b in range(a + 1, S)]
+
+    def value(rows):
+        c = rows - rows.mean(-2, keepdims=True)  # (..., K, S)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.mean([(c[..., a] * c[..., b]).sum(-1) / np.sqrt((c[..., a] ** 2).sum(-1) * (c[..., b] ** 2).sum(-1))
+                         for a, b in pairs], axis=0)
+        return ceiling(r, S)
+
+    reps = value(e[np.random.default_rng(seed).integers(0, len(e), size=(n_boot, len(e)))])
+    reps = reps[np.isfinite(reps)]
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return Score(float(value(e)), (float(lo), float(hi)), reps)
+
+
 def spearman_columns(a, b) -> np.ndarray:
     """Spearman correlation between matching columns of a and b (m, T) -> (T,). A constant column (no
     variation across subsets, so no ranking) gives 0."""

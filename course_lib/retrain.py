@@ -302,7 +302,7 @@ def _train_on_cluster(client, cfg, data, masks, seeds, todo, folder, name, fixed
 
 
 def leave_one_out(cfg: Setting, data: Data, models: train.Models, removed, x_targets, y_targets, *, seeds,
-                  epochs: int, lr: float, measure: str = "loss", model: int = 0) -> torch.Tensor:
+                  epochs: int, lr: float, measure: str = "loss", model: int = 0, per_seed: bool = False) -> torch.Tensor:
     """(K, T) the change of each target's measured output when each training example in ``removed`` (K indices) is
     left out, by retraining from the trained parameters (Koh & Liang 2017, Section 5.1's protocol for non-convex
     models): model ``model`` of ``models`` is trained on for ``epochs`` epochs of the setting's recipe with initial
@@ -312,7 +312,8 @@ def leave_one_out(cfg: Setting, data: Data, models: train.Models, removed, x_tar
 
     Sign: a REMOVAL's effect, to be compared with -tau[removed] of a score in the course convention (the effect of
     including). measure: "loss" (nats, Koh & Liang's test loss) or "margin". Raises ValueError for an empty or
-    out-of-range ``removed`` or no seeds.
+    out-of-range ``removed`` or no seeds. per_seed: return (K, S, T), each seed's change before the mean (for the
+    seed noise: ``lds.pearson_ceiling``).
     """
     removed = torch.as_tensor(removed, dtype=torch.long).flatten()
     seeds = torch.as_tensor(seeds, dtype=torch.long).flatten()
@@ -327,4 +328,4 @@ def leave_one_out(cfg: Setting, data: Data, models: train.Models, removed, x_tar
     init = {k: v[model:model + 1].expand(len(masks), *v.shape[1:]) for k, v in models.params.items()}
     retrained = train.train_models(cfg, data, masks, seeds.repeat(K + 1), init=init, epochs=epochs, lr=lr)
     out = retrained.outputs(x_targets, y_targets, measure).view(K + 1, S, -1)
-    return (out[1:] - out[:1]).mean(1)
+    return out[1:] - out[:1] if per_seed else (out[1:] - out[:1]).mean(1)

@@ -503,3 +503,18 @@ def test_pearson_interval_has_the_width_fisher_predicts():
         lds.pearson_interval([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="non-finite"):
         lds.pearson_interval([1.0, 2.0, np.nan], [1.0, 2.0, 3.0])
+
+
+def test_pearson_ceiling_measures_the_seed_noise_of_leave_one_out_effects():
+    g = np.random.default_rng(0)
+    true = g.normal(size=40)
+    exact = np.stack([true, true, true], 1)  # three seeds that agree: nothing to lose, ceiling 1
+    got = lds.pearson_ceiling(exact, n_boot=300)
+    assert got.mean == pytest.approx(1.0) and got.ci[0] == pytest.approx(1.0)
+    noisy = true[:, None] + g.normal(size=(40, 3))  # seed noise as large as the effects: r ~ 1/2
+    got = lds.pearson_ceiling(noisy, n_boot=300)
+    assert 0.7 < got.mean < 0.95 and got.ci[0] < got.mean < got.ci[1]  # sqrt(3 r / (1 + 2 r)) ~ 0.87
+    pure = g.normal(size=(40, 3))  # no effect, only noise: nothing any estimate could predict
+    assert lds.pearson_ceiling(pure, n_boot=300).mean < 0.5
+    with pytest.raises(ValueError, match="seeds"):
+        lds.pearson_ceiling(true[:, None])

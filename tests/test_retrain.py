@@ -51,3 +51,12 @@ def test_bad_input_fails_clearly(convex, kwargs, match):
     with pytest.raises(ValueError, match=match):
         retrain.leave_one_out(cfg, small, ref, args["removed"], small.x_targets[:1], small.y_targets[:1],
                               seeds=args["seeds"], epochs=1, lr=0.01)
+
+
+def test_leave_one_out_per_seed_keeps_each_seeds_change(convex):
+    cfg, small, ref = convex
+    removed, x_t, y_t = torch.tensor([3, 50, 120]), small.x_targets[:2], small.y_targets[:2]
+    each = retrain.leave_one_out(cfg, small, ref, removed, x_t, y_t, seeds=[1, 2], epochs=2, lr=0.05, per_seed=True)
+    mean = retrain.leave_one_out(cfg, small, ref, removed, x_t, y_t, seeds=[1, 2], epochs=2, lr=0.05)
+    assert each.shape == (3, 2, 2)
+    assert torch.allclose(each.mean(1), mean, atol=1e-6)
