@@ -66,6 +66,7 @@ COURSE_METHODS = {
 
 # the public functions of course_lib.attribution that are not methods of their own, by what they are
 BUILDING_BLOCKS = {
+    "the label sign of the similarity rules": ["similarity.label_signed"],
     "linear solvers and operators of the influence function": [
         "influence.solve_exact", "influence.solve_cg", "influence.solve_lanczos", "influence.solve_lissa",
         "influence.influence_from_solution"],
@@ -334,12 +335,11 @@ def cross_dataset(cfg: Setting, chosen: dict, n_targets: int = 20, cache=None) -
         args = (ud.x_train, ud.y_train, ud.x_targets, ud.y_targets)
         g_train = grads.per_example_grads(net, st, ud.x_train, ud.y_train, "loss")
         g_targets = grads.per_example_grads(net, st, ud.x_targets, ud.y_targets, "margin")
-        label_sign = 2 * similarity.class_match(ud.y_train, ud.y_targets) - 1
         scores = {
             "random": similarity.random_scores(ud.n_train, len(ud.target_idx), seed=cfg.seed),
             "pixel similarity": similarity.pixel_similarity(*args, signed=True),
-            "representation similarity": label_sign * influence.representation_similarity(net, st, ud.x_train,
-                                                                                          ud.x_targets),
+            "representation similarity": similarity.label_signed(
+                influence.representation_similarity(net, st, ud.x_train, ud.x_targets), ud.y_train, ud.y_targets),
             "gradient dot product": influence.grad_dot(g_train, g_targets),
             "gradient cosine": influence.grad_cos(g_train, g_targets),
             "influence function (CG)": influence.influence_scores(

@@ -23,5 +23,10 @@ def test_pixel_similarity_against_explicit_cosine():
         for t in range(2):
             cos = torch.nn.functional.cosine_similarity(x[i].flatten(), xt[t].flatten(), dim=0)
             assert torch.isclose(s[i, t], cos * (1 if y[i] == yt[t] else -1), atol=1e-6)
+    # the label sign alone: kept where the labels agree, negated where they differ
+    plain = similarity.pixel_similarity(x, y, xt, yt, signed=False)
+    assert torch.equal(similarity.label_signed(plain, y, yt), s)
+    assert torch.equal(similarity.label_signed(plain, y, yt)[y == 0, 0], plain[y == 0, 0])
+    assert torch.equal(similarity.label_signed(plain, y, yt)[y == 1, 0], -plain[y == 1, 0])
     # an image is most similar to itself
     assert similarity.pixel_similarity(x, y, x[:1], y[:1], signed=False).argmax() == 0

@@ -22,6 +22,13 @@ def class_match(y_train: torch.Tensor, y_targets: torch.Tensor) -> torch.Tensor:
     return (y_train[:, None] == y_targets[None, :]).float()
 
 
+def label_signed(similarity: torch.Tensor, y_train: torch.Tensor, y_targets: torch.Tensor) -> torch.Tensor:
+    """A similarity (n_train, n_targets) turned into an attribution in the course's sign: kept where the training
+    example's label equals the target's, negated where it differs (a look-alike with the target's label helps, one
+    with another label hurts). Same shape and dtype as ``similarity``."""
+    return similarity * (2 * class_match(y_train, y_targets) - 1).to(similarity.dtype)
+
+
 def pixel_similarity(x_train: torch.Tensor, y_train: torch.Tensor, x_targets: torch.Tensor,
                      y_targets: torch.Tensor, signed: bool = True) -> torch.Tensor:
     """Cosine similarity of raw pixels between every training example and every target, (n_train, n_targets).
@@ -32,6 +39,4 @@ def pixel_similarity(x_train: torch.Tensor, y_train: torch.Tensor, x_targets: to
     a = torch.nn.functional.normalize(x_train.flatten(1).double(), dim=1)
     b = torch.nn.functional.normalize(x_targets.flatten(1).double(), dim=1)
     sim = a @ b.T
-    if signed:
-        sim = sim * (2 * class_match(y_train, y_targets).double() - 1)
-    return sim.float()
+    return (label_signed(sim, y_train, y_targets) if signed else sim).float()
