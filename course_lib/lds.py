@@ -37,6 +37,7 @@ hyperparameter by LDS on ``part="tune"``; report LDS on ``part="eval"``.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -146,11 +147,16 @@ def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int 
     """The single-model counterfactual ground truth (chapter 05): ONE training seed (initialisation and batch order
     over the whole pool), ``m`` random subsets (default ``cfg.gt_subsets``) that each drop a fraction ``drop`` of the
     training pool (weight 0 in ``train.train_weighted``: the same batches, the same initialisation), one model per
-    subset (k = 1). Seed noise is absent by construction: retraining a subset exactly as it was built (the same
-    chunks of ``cfg.ensemble_size`` models) gives the same margins bit for bit. Float round-off is not negligible:
-    the course CNN's recipe amplifies it, and the same subsets retrained in chunks of another size moved the margins
-    by a median 0.43 log-odds (chapter 05 measures it). What it measures is the effect of the data on THIS training
-    run. seed: default ``fixed_seed(cfg)``. Cached and resumable like ``build_ground_truth``; score it with ``lds``.
+    subset (k = 1). Seed noise is absent by construction: retraining a subset exactly as it was built gives the same
+    margins bit for bit. For the small CNN this holds whatever the chunk of models trained together: its ensembles
+    run as one grouped convolution (``models.SmallCNN.forward_stacked``), in which each model's group is computed the
+    same way whatever the number of groups (chapter 05 retrains two subsets in a chunk of 2 and prints the
+    difference). Models without a stacked forward train their ensembles through ``vmap``, whose batched kernels may
+    sum in another order for another chunk size; the course CNN's recipe amplifies such round-off, so for those
+    bit-reproducibility needs the same chunks of ``cfg.ensemble_size`` models. What it measures is the effect of the
+    data on THIS training run; ``fixed_seed_replicate`` measures how much of it survives a change of the run that no
+    attribution method can see. seed: default ``fixed_seed(cfg)``. Cached and resumable like
+    ``build_ground_truth``; score it with ``lds``.
     Raises ValueError for ``drop`` outside (0, 1) or one that leaves a subset empty or whole."""
     drop = float(drop)
     if not 0 < drop < 1:
@@ -166,6 +172,36 @@ def build_fixed_seed_ground_truth(cfg: Setting, data: Data, drop: float, m: int 
                                               f"fixed-seed ground truth, drop {drop:g}: {m} models", progress,
                                               name=lambda i: f"fixed-seed subset {i}", fixed_order=True)
         return GroundTruth(masks, outputs.view(m, 1, -1), acc.view(m, 1), data.target_idx.clone(), spec, seconds)
+    return _cached(folder, spec, build)
+
+
+def fixed_seed_replicate(cfg: Setting, data: Data, gt: GroundTruth, m: int | None = None, rel_change: float = 1e-6,
+                         cache=None) -> GroundTruth:
+    """A second model for each of the first ``m`` subsets (default all) of a fixed-seed ground truth ``gt``: the
+    same run retrained with EVERY weight of the subset multiplied by ``1 + rel_change`` (``train.train_weighted``;
+    the same seed, batches and initialisation). An additive attribution's prediction for the subset moves by the
+    same factor, ``1 + rel_change``, so it cannot tell the two models apart. Returns a GroundTruth with k = 2 (the
+    stored model, then the replicate) for ``noise_ceiling``: its ``ceiling_1`` is the correlation that the best
+    predictor insensitive to such a change would reach against the fixed-seed ground truth (treating the
+    difference as independent noise, as for seeds). Cached (keyed by ``gt.spec``, m and rel_change); its
+    ``seconds`` are the replicates' training only. Raises ValueError for a ground truth that is not fixed-seed."""
+    from .train import train_weighted  # lds otherwise trains only through retrain
+
+    if gt.spec.get("kind") != "fixed-seed" or gt.k != 1:
+        raise ValueError("fixed_seed_replicate needs a fixed-seed ground truth (one model per subset)")
+    m = gt.m if m is None else min(int(m), gt.m)
+    spec = {**gt.spec, "replicate": {"m": m, "rel_change": float(rel_change)}}
+    folder = cache_dir(cache) / f"gt_fixed_rep_{cfg.recipe()['dataset']}_{cache_key(spec)}"
+
+    def build():
+        t0 = time.perf_counter()
+        models = train_weighted(cfg, data, gt.masks[:m].double() * (1 + rel_change), gt.spec["seed"])
+        out = models.outputs(data.x_test, data.y_test)
+        seconds = time.perf_counter() - t0
+        acc = models.accuracy(data.x_test, data.y_test)
+        return GroundTruth(gt.masks[:m].clone(), torch.stack([gt.outputs[:m, 0], out.to(gt.outputs.dtype)], 1),
+                           torch.stack([gt.accuracy[:m, 0], acc.to(gt.accuracy.dtype)], 1), gt.target_idx.clone(),
+                           spec, seconds)
     return _cached(folder, spec, build)
 
 
