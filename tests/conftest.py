@@ -28,6 +28,15 @@ def smoke_data(smoke):
     return D.mnist5k(n_train=smoke.n_train, n_targets=smoke.n_targets)
 
 
+@pytest.fixture(scope="module")
+def toy():
+    """24 random 8x8 'images' in 3 classes, 8 test images of which the first 4 are the targets."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    return D.Data("toy", x[:24], y[:24], x[24:], y[24:], torch.arange(4), ("a", "b", "c"))
+
+
 def autograd_grads(module, x, y, fn):
     """Reference per-example gradients (n, p): one autograd call per example on an ordinary module."""
     rows = []

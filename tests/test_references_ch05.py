@@ -9,14 +9,6 @@ from course_lib.references import ch05 as X
 DT = torch.float64
 
 
-@pytest.fixture(scope="module")
-def toy():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(28, 1, 8, 8, generator=g)
-    y = torch.randint(0, 3, (28,), generator=g)
-    return D.Data("toy", x[:24], y[:24], x[24:], y[24:], torch.arange(4), ("a", "b", "c"))
-
-
 def _walk(toy, momentum):
     cfg = settings.get("smoke", device="cpu", arch="mlp", width=4, depth=1, epochs=2, batch_size=8, lr=0.1,
                        momentum=momentum, weight_decay=0.01)

@@ -21,15 +21,6 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.fixture(scope="module")
-def toy():
-    """24 random 8x8 'images' in 3 classes, 4 targets."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 1, 8, 8, generator=g)
-    y = torch.randint(0, 3, (32,), generator=g)
-    return D.Data("toy", x[:24], y[:24], x[24:], y[24:], torch.arange(4), ("a", "b", "c"))
-
-
 def toy_cfg(**kw):
     base = dict(device="cpu", arch="cnn", width=2, epochs=2, batch_size=8, lr=0.1, momentum=0.9, weight_decay=0.05)
     return settings.get("smoke", **{**base, **kw})
