@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from course_lib import data as D, settings, train
+from course_lib import settings, train
 from course_lib.attribution import least_squares, source, unroll
 from course_lib.references import ch05 as X
 
