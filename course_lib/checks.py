@@ -108,6 +108,17 @@ def check_not_decreasing(values, slack: float, what: str):
         raise AssertionError(f"{what} falls by {drops.max():.3f} (> {slack:g}): {np.round(v, 4).tolist()}")
 
 
+def check_paired_gain(diff, what: str, bound: float = 0.0) -> float:
+    """A paired difference (an ``lds.Score`` from ``lds.lds_difference``, e.g. an ensemble of M models minus one
+    model) whose 95% interval lies wholly above ``bound``: the first is better beyond the resampling of subsets and
+    targets. Fails for a flat curve (an ensemble that does not help: a difference near 0), a reversed one and NaN.
+    Returns diff.ci[0] - bound."""
+    gain = float(diff.ci[0]) - bound
+    if not gain > 0:  # also fails for NaN
+        raise AssertionError(f"{what}: paired difference {diff!r} does not lie above {bound:g}")
+    return gain
+
+
 def check_psd_vs_indefinite(gnh_eigs, hessian_eigs, rel: float = 1e-6):
     """The GNH spectrum has no eigenvalue below -rel x its largest; the Hessian's smallest is below that bound.
     Fails for a 'GNH' that is really the Hessian, or a Hessian that came out PSD (e.g. the GNH by mistake)."""
