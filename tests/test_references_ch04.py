@@ -48,3 +48,44 @@ def test_best_of_other_rule_takes_the_chosen_labels_and_the_other_rule():
     assert (got["rule"], got["damping"]) == ("relative", 0.1)
     with pytest.raises(ValueError, match="no relative damping"):
         ch04.best_of_other_rule(table, "ekfac", {"labels": "empirical", "relative": False})
+
+
+def _tiny_mlp(seed=0):
+    """A small float64 MLP (two Linear layers) with random weights, and random inputs and labels."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double().eval()
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    x = torch.randn(60, 5, dtype=torch.float64)
+    return net, state, x, torch.randint(0, 3, (60,))
+
+
+def test_sampled_labels_are_seeded_draws_from_the_model():
+    net, state, x, _ = _tiny_mlp()
+    a, b = ch04.sampled_labels(net, state, x, 0), ch04.sampled_labels(net, state, x, 0)
+    assert torch.equal(a, b) and a.shape == (60,) and int(a.max()) < 3
+    assert not torch.equal(a, ch04.sampled_labels(net, state, x, 1))
+
+
+def test_mixed_eigenvalue_errors_keep_ekfacs_guarantee_and_mix_two_matrices(monkeypatch):
+    from course_lib.attribution import ekfac
+
+    net, state, x, y = _tiny_mlp()
+    fac = ekfac.fit_factors(net, state, x, y, labels="empirical")
+    target = ch04.empirical_fisher_blocks(fac, net, state, x, y)
+    # the block-diagonal empirical Fisher from autograd, one example at a time, in the layer order
+    order = ekfac.layer_order(state, ekfac.layers_of(net))
+    rows = []
+    for xi, yi in zip(x, y):
+        net.zero_grad()
+        torch.nn.functional.cross_entropy(net(xi[None]), yi[None]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    g = torch.stack(rows)[:, order]
+    assert torch.allclose(target, fac.block_diagonal(g.T @ g / len(x)), atol=1e-12)
+    err = ch04.mixed_eigenvalue_errors(net, state, x, y, seed=0)
+    assert set(err) == {"K-FAC", "EK-FAC", "mixed"}
+    assert err["EK-FAC"] <= err["K-FAC"] + 1e-12  # the guarantee of the best diagonal in the basis
+    assert err["mixed"] != pytest.approx(err["EK-FAC"])  # other labels: another diagonal
+    # with the training labels in both passes the "mixture" is EK-FAC itself
+    monkeypatch.setattr(ch04, "sampled_labels", lambda net, state, x, seed=0: y)
+    same = ch04.mixed_eigenvalue_errors(net, state, x, y)
+    assert same["mixed"] == pytest.approx(err["EK-FAC"], rel=1e-10)

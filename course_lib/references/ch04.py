@@ -4,6 +4,11 @@ Why they live here: see ``course_lib.references``.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import torch
+from torch.func import functional_call
+
 from ..attribution import ekfac
 
 
@@ -31,6 +36,39 @@ def worst_kfac_layer(approx, block_diagonal, layers, edges) -> str:
     """Exercise 2: the name of the layer whose block has the largest error in ``kfac_error_by_layer``."""
     errors = kfac_error_by_layer(approx, block_diagonal, layers, edges)
     return max(errors, key=errors.get)
+
+
+def sampled_labels(net, state: dict, x, seed: int = 0) -> torch.Tensor:
+    """Exercise 3: one label per image drawn from the model's own prediction (the true Fisher's labels),
+    ``torch.multinomial(softmax(logits), 1, generator=torch.Generator().manual_seed(seed))``."""
+    with torch.no_grad():
+        prob = functional_call(net, state, (x,)).softmax(-1)
+    return torch.multinomial(prob, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+
+
+def empirical_fisher_blocks(factors: ekfac.Factors, net, state: dict, x, y) -> torch.Tensor:
+    """The block-diagonal empirical Fisher (1/n) sum_i g_i g_i^T (g_i: example i's loss gradient under its training
+    label), in the layer order of ``Factors.dense``, restricted to ``factors``' layer blocks."""
+    per_example = ekfac.per_example_layer_grads(net, state, x, y, "loss")
+    flat = torch.cat([per_example[k].reshape(len(y), -1) for k in factors.layers], 1).double()
+    return factors.block_diagonal(flat.T @ flat / len(y))
+
+
+def mixed_eigenvalue_errors(net, state: dict, x, y, seed: int = 0) -> dict:
+    """Exercise 3: EK-FAC with eigenvalues from another matrix than its eigenbasis.
+
+    The factors (hence K-FAC and the eigenbasis) are fitted with the training labels ``y``; the "mixed" eigenvalues
+    are the mean squared per-example gradients in that basis under labels sampled from the model
+    (``sampled_labels(..., seed)``). Returns the relative Frobenius errors {"K-FAC", "EK-FAC", "mixed"} against the
+    block-diagonal empirical Fisher (``empirical_fisher_blocks``), the matrix the factors describe: EK-FAC's is
+    never above K-FAC's, the mixture's carries no such guarantee."""
+    factors = ekfac.fit_factors(net, state, x, y, labels="empirical")
+    target = empirical_fisher_blocks(factors, net, state, x, y)
+    rotated = factors.rotate(ekfac.per_example_layer_grads(net, state, x, sampled_labels(net, state, x, seed), "loss"))
+    mixed = dataclasses.replace(factors, lam={k: (rotated[k] ** 2).mean(0) for k in factors.layers})
+    return {"K-FAC": ekfac.relative_error(factors.dense("kfac"), target),
+            "EK-FAC": ekfac.relative_error(factors.dense("ekfac"), target),
+            "mixed": ekfac.relative_error(mixed.dense("ekfac"), target)}
 
 
 def best_of_other_rule(damping_table, curvature: str, chosen: dict) -> dict:
