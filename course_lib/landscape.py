@@ -92,7 +92,7 @@ BUILDING_BLOCKS = {
     "what influence functions estimate (Bae et al. 2022's PBRF; chapter 01)": ["pbrf.pbrf_response", "pbrf.pbrf_effect"],
     "the datamodels' training data": ["datamodels.training_spec", "datamodels.training_masks",
                                       "datamodels.training_data", "datamodels.cached_models"],
-    "chapter 03's analysis": ["datamodels.keep_largest", "datamodels.gradient_factor_ok"],
+    "chapter 03's analysis": ["datamodels.keep_largest"],
 }
 
 

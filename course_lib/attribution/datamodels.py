@@ -119,7 +119,8 @@ class Fit:
     weights (n_train, T): the scores (effect of including example i on target t's margin); bias (T,): the
     intercept, so that the predicted output for subset S is bias + sum_{i in S} weights[i]; penalty (T,): the
     penalty chosen per target (None for difference-of-means); penalties (T, L) the grid searched and cv_error
-    (T, L) the cross-validated mean squared error on it; seconds: wall time of the fit (not of training).
+    (T, L) the cross-validated mean squared error on it (the mean over folds), cv_fold_error (folds, T, L) the
+    same error on each fold; seconds: wall time of the fit (not of training).
     """
     method: str
     weights: torch.Tensor
@@ -129,6 +130,7 @@ class Fit:
     penalties: torch.Tensor | None = None
     cv_error: torch.Tensor | None = None
     iterations: int = 0
+    cv_fold_error: torch.Tensor | None = None
 
     def predict(self, masks) -> torch.Tensor:
         """(m, T) predicted outputs for subsets given as (m, n_train) masks."""
@@ -316,6 +318,7 @@ def _fit_lasso(X, Y, penalties, n_penalties, eps, cv, seed, patience, max_iter, 
     L = lams.shape[1]
     iters = 0
     errors = torch.full((T, L), float("inf"), dtype=dtype, device=dev)
+    fold_errors = torch.full((cv, T, L), float("inf"), dtype=dtype, device=dev)
     if L > 1:
         raw_gram = X.T @ X if full.use_gram else None
         folds = []
@@ -329,14 +332,13 @@ def _fit_lasso(X, Y, penalties, n_penalties, eps, cv, seed, patience, max_iter, 
             cols = active.nonzero().flatten()
             if len(cols) == 0:
                 break
-            err = torch.zeros(len(cols), dtype=dtype, device=dev)
-            for q, held, W in folds:
+            for j, (q, held, W) in enumerate(folds):
                 Wc, it = _fista(q, lams[cols, l], W[:, cols], max_iter, tol, cols)
                 W[:, cols] = Wc
                 iters += it
                 b = q.y_mean[cols] - q.x_mean @ Wc
-                err += ((X[held] @ Wc + b - Y[held][:, cols]) ** 2).mean(0) / cv
-            errors[cols, l] = err
+                fold_errors[j, cols, l] = ((X[held] @ Wc + b - Y[held][:, cols]) ** 2).mean(0)
+            errors[cols, l] = sum(fold_errors[j, cols, l] / cv for j in range(cv))  # the mean, summed as before
             if patience is not None:
                 active &= (l - errors[:, :l + 1].argmin(1)) < patience
         best = errors.argmin(1)
@@ -351,8 +353,9 @@ def _fit_lasso(X, Y, penalties, n_penalties, eps, cv, seed, patience, max_iter, 
         iters += it
     bias = full.y_mean - full.x_mean @ W
     cv_error = torch.where(torch.isinf(errors), torch.nan, errors).cpu() if L > 1 else None
+    cv_fold_error = torch.where(torch.isinf(fold_errors), torch.nan, fold_errors).cpu() if L > 1 else None
     return Fit("lasso", W.cpu().float(), bias.cpu().float(), time.perf_counter() - t0, chosen.cpu(), lams.cpu(),
-               cv_error, iters)
+               cv_error, iters, cv_fold_error)
 
 
 def _thin_svd(A: torch.Tensor):
@@ -448,31 +451,3 @@ def keep_largest(weights, k) -> torch.Tensor:
         raise ValueError(f"every k must lie between 0 and n_train = {n}, got {k.min().item()}..{k.max().item()}")
     rank = W.abs().argsort(dim=0, descending=True, stable=True).argsort(dim=0)  # (n, T): 0 = the target's largest |weight|
     return torch.where(rank < k[None, :], W, torch.zeros_like(W))
-
-
-def gradient_factor_ok(c_of_p, alphas=(0.3, 0.7), n: int = 40, m: int = 200, seed: int = 0,
-                       rtol: float = 1e-5) -> bool:
-    """Chapter 03's exercise 2, checked without showing its answer: True when ``c_of_p`` (a function of one float
-    p, the share of subsets that hold an example) gives, for every example, the factor c_i in
-
-        (X_c^T y_c / m)_i = c_i (ybar_in - ybar_out)_i
-
-    (minus the first gradient of least squares at tau = 0, against the difference of means), on random subsets
-    of size about alpha * n for each alpha in ``alphas`` and random outputs; p_i = m_i / m differs from example to
-    example, so a constant that happens to fit one alpha does not pass. Raises whatever ``c_of_p`` raises (the
-    exercise check reports it)."""
-    g = torch.Generator().manual_seed(seed)
-    for alpha in alphas:
-        X = (torch.rand(m, n, generator=g) < alpha).double()
-        y = torch.randn(m, generator=g, dtype=torch.float64)
-        p = X.mean(0)
-        if not bool(((p > 0) & (p < 1)).all()):
-            raise RuntimeError("an example in every subset or in none: draw more subsets")
-        grad0 = (X - p).T @ (y - y.mean()) / m
-        y_in = X.T @ y / X.sum(0)
-        y_out = (1 - X).T @ y / (1 - X).sum(0)
-        factor = grad0 / (y_in - y_out)
-        answer = torch.tensor([float(c_of_p(float(pi))) for pi in p], dtype=torch.float64)
-        if not torch.allclose(answer, factor, rtol=rtol, atol=1e-12):
-            return False
-    return True
