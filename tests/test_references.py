@@ -100,8 +100,23 @@ def test_chapter_02_answers():
     assert 0.3 < ch02.one_seed_ratio(tau, gt) < 0.95
 
 
-def test_chapter_02_other_targets_are_the_first_non_targets(smoke_data):
-    idx = ch02.non_target_images(smoke_data, 50)
+def test_chapter_02_other_targets_are_class_balanced_non_targets(smoke_data):
+    idx = ch02.non_target_images(smoke_data, 5)
     targets = set(smoke_data.target_idx.tolist())
+    labels = smoke_data.y_test[idx]
     assert len(idx) == 50 and not targets & set(idx.tolist()) and (idx.diff() > 0).all()
-    assert int(idx[0]) == min(set(range(len(smoke_data.y_test))) - targets)
+    assert torch.equal(labels.bincount(minlength=10), torch.full((10,), 5))
+    first_zero = min(i for i in range(len(smoke_data.y_test)) if i not in targets and int(smoke_data.y_test[i]) == 0)
+    assert int(idx[0]) == first_zero
+    with pytest.raises(ValueError, match="fewer than"):
+        ch02.non_target_images(smoke_data, 10_000)
+
+
+def test_chapter_02_shifted_lds_equals_the_unshifted():
+    g = torch.Generator().manual_seed(1)
+    n, m, T = 40, 30, 6
+    masks = lds.subset_masks(n, m, 0.5, 0)
+    tau = torch.randn(n, T, generator=g, dtype=torch.float64)
+    gt = lds.GroundTruth(masks, (masks.double() @ tau + torch.randn(m, T, generator=g, dtype=torch.float64))[:, None]
+                         .float(), torch.ones(m, 1), torch.arange(T), {}, 0.0)
+    assert ch02.shifted_lds(tau, gt, 5.0) == pytest.approx(lds.lds(tau, gt, part="eval").mean, abs=1e-12)

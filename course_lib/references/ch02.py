@@ -33,15 +33,28 @@ def one_seed_ratio(scores, gt: lds.GroundTruth) -> float:
     return lds.lds(scores, gt, models=[0], part="eval").mean / lds.lds(scores, gt, part="eval").mean
 
 
-def non_target_images(data: Data, n: int = 50) -> torch.Tensor:
-    """The first ``n`` test-split indices that are not LDS targets."""
+def non_target_images(data: Data, per_class: int = 5) -> torch.Tensor:
+    """Test-split indices that are not LDS targets, the first ``per_class`` of each class in the split's order
+    (class-balanced like the LDS targets; the test split is stored sorted by class, so its first non-targets would
+    all be one digit), in increasing order. Raises ValueError if a class has too few."""
     is_target = set(data.target_idx.tolist())
-    return torch.tensor([i for i in range(len(data.y_test)) if i not in is_target][:n])
+    chosen = []
+    for c in sorted(set(data.y_test.tolist())):
+        pool = [i for i in range(len(data.y_test)) if int(data.y_test[i]) == c and i not in is_target]
+        if len(pool) < per_class:
+            raise ValueError(f"class {c} has {len(pool)} test images outside the LDS targets, fewer than {per_class}")
+        chosen += pool[:per_class]
+    return torch.tensor(sorted(chosen))
 
 
-def pixel_lds_on_other_targets(data: Data, gt: lds.GroundTruth, n: int = 50) -> lds.Score:
-    """Exercise 4: the LDS of signed pixel similarity on the first ``n`` test images that are not LDS targets, all
-    of them (no part), against the existing ground truth."""
-    idx = non_target_images(data, n)
+def shifted_lds(scores, gt: lds.GroundTruth, shift: float) -> float:
+    """Exercise 1: the LDS mean (evaluation targets) of ``scores + shift``."""
+    return lds.lds(scores + shift, gt, part="eval").mean
+
+
+def pixel_lds_on_other_targets(data: Data, gt: lds.GroundTruth, per_class: int = 5) -> lds.Score:
+    """Exercise 4: the LDS of signed pixel similarity on ``non_target_images(data, per_class)``, all of them (no
+    part), against the existing ground truth."""
+    idx = non_target_images(data, per_class)
     scores = similarity.pixel_similarity(data.x_train, data.y_train, data.x_test[idx], data.y_test[idx], signed=True)
     return lds.lds(scores, gt, targets=idx)
