@@ -346,6 +346,28 @@ def test_trak_damping_sweep_equals_trak_for_every_damping():
     assert far > 1e-3 * swept["kernel"][20][0.01].abs().max().item()
 
 
+def test_trak_dampings_equals_trak_for_every_damping():
+    """trak_dampings (features once per model, every damping re-solved, every model's scores kept) against trak run
+    once per damping on two logistic regressions: the same per-model kernel scores and Q, so ``scores(m=M)`` is the
+    ensemble of the first M models at that damping; every result carries the same seconds (gradients, projection
+    and all the solves). Mixing up the dampings or the models' projections would fail: the dampings' scores differ
+    by far more than the tolerance."""
+    ms, x, y, xt, yt = _logreg_models()
+    seed, dampings = 5, [0.01, 0.3, 10.0]
+    got = T.trak_dampings(ms, x, y, xt, yt, dampings, proj_dim=8, seed=seed, chunk=40, progress=False)
+    assert sorted(got) == dampings
+    for d in dampings:
+        ref = T.trak(ms, x, y, xt, yt, proj_dim=8, seed=seed, damping=d, chunk=40, progress=False)
+        scale = ref.kernel_scores.abs().max().item()
+        assert (got[d].kernel_scores - ref.kernel_scores).abs().max().item() < 1e-10 * scale, d
+        assert torch.allclose(got[d].q, ref.q, rtol=0, atol=1e-12)
+        for m in (1, 2):
+            assert torch.allclose(got[d].scores(m=m), ref.scores(m=m), rtol=1e-8, atol=1e-12)
+        assert torch.equal(got[d].seconds, got[dampings[0]].seconds) and (got[d].seconds > 0).all()
+    far = (got[0.01].kernel_scores - got[10.0].kernel_scores).abs().max().item()
+    assert far > 1e-3 * got[0.01].kernel_scores.abs().max().item()
+
+
 def test_projection_overflow_is_an_error_not_inf():
     """float16 holds at most 65504: projecting large gradients in half precision overflows. That must stop with an
     error where it happens, not turn every later score into inf or NaN."""

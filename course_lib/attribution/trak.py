@@ -281,13 +281,36 @@ def trak_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims
     """``trak`` for several projection dimensions at once: {k: TrakResult}. The per-example gradients of each
     model are computed once and projected to every k; each k's seconds count the gradients, its own projection
     and its solve, i.e. what running ``trak`` with that k alone costs."""
+    swept = _sweep(models, x_train, y_train, x_targets, y_targets, proj_dims, [damping], kind, seed, fn, batch_size,
+                   chunk, progress)
+    return {k: by_damping[damping] for k, by_damping in swept.items()}
+
+
+def trak_dampings(models: Models, x_train, y_train, x_targets, y_targets, dampings, proj_dim: int = 2048,
+                  kind: str = "rademacher", seed: int = 0, fn: str = "margin", batch_size: int = 256,
+                  chunk: int = 2048, progress: bool = True) -> dict:
+    """``trak`` for several dampings at once, for choosing the damping per number of models M: {damping:
+    TrakResult}, where ``result.scores(m=M)`` is the ensemble of the first M models at that damping. Each model's
+    per-example gradients are computed and projected once; only the kernel is re-solved per damping
+    (``kernel_solve_dampings``), and every model's kernel scores are kept for every damping (M x n x T each:
+    mind the memory). A model's seconds count its gradients, its projection and the solves of EVERY damping (what
+    choosing among them costs), so they are the same in every result."""
+    swept = _sweep(models, x_train, y_train, x_targets, y_targets, [proj_dim], dampings, kind, seed, fn, batch_size,
+                   chunk, progress)
+    return next(iter(swept.values()))
+
+
+def _sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims, dampings, kind, seed, fn, batch_size,
+           chunk, progress) -> dict:
+    """{k: {damping: TrakResult}}: each model's gradients computed once, projected to every k, each k's kernel solved
+    for every damping. A (k, damping) result's seconds count the gradients, that k's projection and its solves."""
     p = sum(v[0].numel() for v in models.params.values())
     if kind == "identity":
         proj_dims = [p]
-    proj_dims = [int(k) for k in proj_dims]
+    proj_dims, dampings = [int(k) for k in proj_dims], list(dampings)
     n = len(y_train)
     x_all, y_all = torch.cat([x_train, x_targets]), torch.cat([y_train, y_targets])
-    out = {k: {"ks": [], "qs": [], "secs": [], "gsecs": [], "psecs": []} for k in proj_dims}
+    out = {k: {"ks": {d: [] for d in dampings}, "qs": [], "secs": [], "gsecs": [], "psecs": []} for k in proj_dims}
     for m in tqdm(range(len(models)), desc=f"TRAK k={proj_dims}", disable=not progress, leave=False):
         t0 = time.perf_counter()
         params = models.state_of(m)  # parameters and buffers: the trained model as it is evaluated
@@ -313,17 +336,18 @@ def trak_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims
         for k in proj_dims:
             t1 = time.perf_counter()
             phi = torch.cat(feats[k])
-            ks = kernel_solve(phi[:n], phi[n:], damping)
+            solved = kernel_solve_dampings(phi[:n], phi[n:], dampings)
             r = out[k]
-            r["ks"].append(ks)
+            for d in dampings:
+                r["ks"][d].append(solved[d])
             r["qs"].append(q)
             r["secs"].append(t_q + t_grad + t_proj[k] + time.perf_counter() - t1)
             r["gsecs"].append(t_grad)
             r["psecs"].append(t_proj[k])
         del feats, projs
     t = lambda v: torch.tensor(v, dtype=torch.float64)
-    return {k: TrakResult(torch.stack(r["ks"]), torch.stack(r["qs"]), t(r["secs"]), t(r["gsecs"]), t(r["psecs"]))
-            for k, r in out.items()}
+    return {k: {d: TrakResult(torch.stack(r["ks"][d]), torch.stack(r["qs"]), t(r["secs"]), t(r["gsecs"]),
+                              t(r["psecs"])) for d in dampings} for k, r in out.items()}
 
 
 def trak_damping_sweep(models: Models, x_train, y_train, x_targets, y_targets, proj_dims, dampings,
