@@ -58,7 +58,7 @@ COURSE_METHODS = {
                              "06"),
     "kNN": ("surrogate", ["surrogate.knn_scores", "surrogate.knn_from_features"], "06"),
     "kNN-Shapley": ("surrogate", ["surrogate.knn_shapley", "surrogate.knn_shapley_from_features"], "06"),
-    "TRAK": ("surrogate", ["trak.trak", "trak.trak_sweep", "trak.trak_damping_sweep"], "06"),
+    "TRAK": ("surrogate", ["trak.trak", "trak.trak_sweep", "trak.trak_dampings", "trak.trak_damping_sweep"], "06"),
     "datamodels (LASSO)": ("datamodels", ["datamodels.fit_lasso", "datamodels.fit"], "03"),
     "datamodels (ridge)": ("datamodels", ["datamodels.fit_ridge"], "03"),
     "datamodels (difference of means)": ("datamodels", ["datamodels.difference_of_means"], "03"),
@@ -229,6 +229,50 @@ def published(cfg: Setting, data: Data, cache=None) -> dict:
     folder = _path(cfg, data, "00", cache).parent
     return {p.stem.removeprefix("chapter_"): [Method(**d) for d in torch.load(p, weights_only=True)]
             for p in sorted(folder.glob("chapter_*.pt"))}
+
+
+def tuned_budgets(records: dict, key: str, gt, per_model: float) -> list[dict]:
+    """Every published budget of method ``key`` (``records``: what ``published`` returns), scored the way chapter 07
+    scores it: the hyperparameter chosen among the record's candidates on the tuning targets of ``gt`` (``lds.tune``),
+    the LDS reported on its evaluation targets. One dict per budget, in the order published: "method" (label and
+    chapter), "key", "family", "budget", "choice" (the chosen candidate's label), "LDS" (an ``lds.Score``), "scores"
+    (the chosen candidate's (n_train, n_targets) scores, for paired comparisons with ``lds.lds_difference``),
+    "candidates" (how many the record offered), "seconds" (the choice's attribution seconds) and "with training (s)"
+    (plus the training of the models it needs at ``per_model`` seconds per whole-pool model). [] when no chapter
+    published ``key``."""
+    from . import lds
+
+    rows = []
+    for m in (m for chapter in records.values() for m in chapter if m.key == key):
+        tuned = lds.tune(m.candidates, gt)
+        rows.append({"method": f"{m.label} (ch. {m.chapter})", "key": m.key, "family": m.family, "budget": m.budget,
+                     "choice": tuned.choice, "LDS": tuned.reported, "scores": m.candidates[tuned.choice],
+                     "candidates": len(m.candidates), "seconds": m.seconds[tuned.choice],
+                     "with training (s)": m.seconds[tuned.choice] + m.training_seconds(per_model)})
+    return rows
+
+
+def family_best(records: dict, family: str, gt, per_model: float, exclude=()) -> list[dict]:
+    """The ``tuned_budgets`` rows of the published method of ``family`` (a ``FAMILIES`` entry) whose best budget has
+    the highest LDS mean on the evaluation targets, every budget of it; methods whose key is in ``exclude`` are
+    skipped; [] when no chapter published a method of that family."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
+    keys = [k for k, (fam, _, _) in COURSE_METHODS.items() if fam == family and k not in exclude]
+    by_key = [rows for rows in (tuned_budgets(records, k, gt, per_model) for k in keys) if rows]
+    return max(by_key, key=lambda rows: max(r["LDS"].mean for r in rows), default=[])
+
+
+def bracket(rows: list[dict], value: float) -> tuple:
+    """Where a method's LDS crosses ``value`` along its budgets (``rows``: dicts with "LDS", an ``lds.Score``, and
+    "with training (s)", e.g. ``tuned_budgets``'s): (below, reach), with reach the cheapest row whose LDS mean reaches
+    ``value`` and below the costliest row that stays under it while costing less than reach. Either is None where no
+    row qualifies (reach None: no budget reaches it; below None: the cheapest budget already does). Read the
+    compute the method needs for ``value`` as lying between the two rows' (only these budgets were run)."""
+    cost = lambda r: r["with training (s)"]
+    reach = min((r for r in rows if r["LDS"].mean >= value), key=cost, default=None)
+    below = [r for r in rows if r["LDS"].mean < value and (reach is None or cost(r) < cost(reach))]
+    return max(below, key=cost, default=None), reach
 
 
 def pareto_front(cost, value) -> list[int]:

@@ -119,6 +119,62 @@ def test_best_within():
         landscape.best_within(labels, lds_means, secs[:2], 1.0)
 
 
+def _planted_gt(truth, m=60, seed=0):
+    """A ground truth whose outputs are the additive predictions of ``truth`` (n, T): scores equal to it have LDS 1."""
+    from course_lib import lds
+
+    masks = torch.rand(m, truth.shape[0], generator=torch.Generator().manual_seed(seed)) < 0.5
+    outputs = (masks.double() @ truth.double())[:, None, :].float()
+    return lds.GroundTruth(masks, outputs, torch.ones(m, 1), torch.arange(truth.shape[1]), {}, 0.0)
+
+
+def test_tuned_budgets_choose_on_the_tuning_targets_and_family_best_takes_the_best_method(tmp_path):
+    """Planted: the candidate "good" equals the ground truth's additive model, "bad" is noise. tuned_budgets chooses
+    "good" at every budget (on the tuning targets), reports its LDS on the evaluation targets, returns its scores
+    and seconds, and charges the training of the models at the given rate; family_best returns every budget of the
+    family's best method; a method nobody published gives []."""
+    from course_lib import lds
+
+    g = torch.Generator().manual_seed(0)
+    truth = torch.randn(40, 8, generator=g)
+    gt = _planted_gt(truth)
+    data = _data(40, 8)
+    cfg = settings.get("smoke")
+    noise = lambda: torch.randn(40, 8, generator=g)
+    methods = [landscape.Method("EK-FAC", f"EK-FAC, M = {b}", {"bad": noise(), "good": truth + 0.1 * b * noise()},
+                                {"bad": 1.0, "good": 2.0 * b}, b, "reference models", 1.0, "04", budget=b)
+               for b in (1, 2)]
+    landscape.publish(cfg, data, "04", methods, cache=tmp_path)
+    landscape.publish(cfg, data, "03", [landscape.Method("datamodels (LASSO)", "LASSO, 10 models", {"-": noise()},
+                                                         {"-": 0.5}, 10, "subset models", 0.5, "03", budget=10)],
+                      cache=tmp_path)
+    records = landscape.published(cfg, data, cache=tmp_path)
+    rows = landscape.tuned_budgets(records, "EK-FAC", gt, per_model=3.0)
+    assert [r["budget"] for r in rows] == [1, 2] and all(r["choice"] == "good" for r in rows)
+    assert rows[0]["method"] == "EK-FAC, M = 1 (ch. 04)" and rows[0]["candidates"] == 2
+    assert rows[1]["seconds"] == 4.0 and rows[1]["with training (s)"] == 4.0 + 2 * 3.0
+    assert rows[0]["LDS"].mean == pytest.approx(lds.lds(methods[0].candidates["good"], gt, part="eval").mean)
+    assert torch.equal(rows[1]["scores"], methods[1].candidates["good"])
+    lasso = landscape.tuned_budgets(records, "datamodels (LASSO)", gt, per_model=3.0)
+    assert lasso[0]["with training (s)"] == 0.5 + 10 * 0.5 * 3.0
+    assert landscape.tuned_budgets(records, "TRAK", gt, 3.0) == []
+    assert [r["method"] for r in landscape.family_best(records, "influence", gt, 3.0)] == [r["method"] for r in rows]
+    assert landscape.family_best(records, "influence", gt, 3.0, exclude=("EK-FAC",)) == []
+    with pytest.raises(ValueError, match="unknown family"):
+        landscape.family_best(records, "influences", gt, 3.0)
+
+
+def test_bracket_finds_the_budgets_around_a_value():
+    from course_lib.lds import Score
+
+    row = lambda mean, cost: {"LDS": Score(mean, (mean - 0.05, mean + 0.05), None), "with training (s)": cost}
+    rows = [row(0.1, 10.0), row(0.2, 20.0), row(0.35, 40.0), row(0.3, 80.0)]
+    assert landscape.bracket(rows, 0.25) == (rows[1], rows[2])
+    assert landscape.bracket(rows, 0.05) == (None, rows[0])
+    assert landscape.bracket(rows, 0.5) == (rows[3], None)  # none reaches it: the costliest below
+    assert landscape.bracket(rows, 0.32) == (rows[1], rows[2])  # the 80 s row stays below but costs more than reach
+
+
 def test_cross_dataset_needs_every_choice():
     with pytest.raises(ValueError, match="chosen lacks"):
         landscape.cross_dataset(settings.get("smoke"), {"kNN": 5})
