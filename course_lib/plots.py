@@ -188,3 +188,39 @@ def landscape(table, panels, ceiling=None, floor: float = 0.01, title: str | Non
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+def lds_errorbar(ax, x, scores, **kw):
+    """LDS values (``lds.Score``s) at positions ``x``: their means as points (joined by ``fmt``'s line, if any) and
+    their 95% intervals as error bars; ``kw`` goes to ``ax.errorbar`` (fmt, color, label, ...)."""
+    import numpy as np
+
+    mean = np.array([s.mean for s in scores])
+    ci = np.array([s.ci for s in scores]).reshape(-1, 2)
+    return ax.errorbar(list(x), mean, yerr=[mean - ci[:, 0], ci[:, 1] - mean], capsize=3, **kw)
+
+
+def reference_line(ax, score, label=None, color="gray", ls="--", bar_at=None):
+    """A reference LDS (an ``lds.Score``) across the whole axis: its mean as a line labelled for the legend, and its
+    95% interval either as a band of the same colour (``bar_at=None``) or as a short thick vertical bar at
+    ``bar_at`` (an x position in axes coordinates, 0 = left edge, 1 = right), which keeps several references'
+    intervals apart where bands would overlap."""
+    ax.axhline(score.mean, color=color, ls=ls, lw=1.3, label=label)
+    if bar_at is None:
+        ax.axhspan(*score.ci, color=color, alpha=0.12, lw=0)
+    else:
+        ax.plot([bar_at, bar_at], score.ci, color=color, lw=4, alpha=0.6, solid_capstyle="butt",
+                transform=ax.get_yaxis_transform())
+
+
+def plain_log_ticks(axis, lo: float, hi: float):
+    """Ticks of a log-scaled ``axis`` (``ax.xaxis`` or ``ax.yaxis``) at 1, 2, 5 x powers of ten between ``lo`` and
+    ``hi``, labelled as plain numbers (10, 20, 50 rather than 10^1, 2 x 10^1), no minor ticks."""
+    import math
+
+    powers = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10 ** e for e in powers for m in (1, 2, 5) if lo <= m * 10 ** e <= hi]
+    if len(ticks) < 3:  # a narrow range: every integer multiple
+        ticks = [m * 10 ** e for e in powers for m in range(1, 10) if lo <= m * 10 ** e <= hi]
+    axis.set_ticks(ticks, [f"{t:g}" for t in ticks])
+    axis.set_minor_locator(plt.NullLocator())
