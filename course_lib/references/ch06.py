@@ -16,13 +16,20 @@ def no_q_one_model(result: trak.TrakResult, gt: lds.GroundTruth) -> lds.Score:
     return lds.lds(result.scores(m=1, q="none"), gt, part="eval")
 
 
-def loss_features(net, state: dict, x_train, y_train, x_targets, y_targets, projection, gt: lds.GroundTruth,
-                  damping: float = 1.0) -> lds.Score:
-    """Exercise 2: the LDS (evaluation targets) of ``trak.kernel_solve`` on the projected gradients of the LOSS
-    (training images and targets, the same ``projection``), without Q, at the relative ``damping``."""
+def loss_feature_scores(net, state: dict, x_train, y_train, x_targets, y_targets, projection,
+                        damping: float = 1.0) -> torch.Tensor:
+    """Exercise 2's scores: ``trak.kernel_solve`` on the projected gradients of the LOSS (training images and
+    targets, the same ``projection``), without Q, at the relative ``damping``; (n_train, n_targets)."""
     phi_train = trak.featurize(net, state, x_train, y_train, projection, fn="loss")
     phi_targets = trak.featurize(net, state, x_targets, y_targets, projection, fn="loss")
-    return lds.lds(trak.kernel_solve(phi_train, phi_targets, damping), gt, part="eval")
+    return trak.kernel_solve(phi_train, phi_targets, damping)
+
+
+def loss_features(net, state: dict, x_train, y_train, x_targets, y_targets, projection, gt: lds.GroundTruth,
+                  damping: float = 1.0) -> lds.Score:
+    """Exercise 2: the LDS (evaluation targets) of ``loss_feature_scores``."""
+    return lds.lds(loss_feature_scores(net, state, x_train, y_train, x_targets, y_targets, projection, damping), gt,
+                   part="eval")
 
 
 def eval_lds_by_damping(candidates: dict, gt: lds.GroundTruth) -> dict:
@@ -48,22 +55,35 @@ def cheapest_reaching(by_M, by_k, k_main: int, n_sweep: int, seconds_per_model: 
     return {"M": m, "k": k, "cost": cost, "LDS": value, "best": best}
 
 
-def with_r(phi_train, phi_targets, q, damping: float, gt: lds.GroundTruth) -> lds.Score:
-    """Exercise 6: one model's TRAK scores with the surrogate's Gauss-Newton weights R = diag(p (1 - p)) =
+def with_r_scores(phi_train, phi_targets, q, damping: float) -> torch.Tensor:
+    """Exercise 6's scores: one model's TRAK scores with the surrogate's Gauss-Newton weights R = diag(p (1 - p)) =
     diag(Q (1 - Q)) inside the kernel, ``phi_t (Phi^T R Phi + lambda I)^{-1} phi_i Q_i`` with lambda = ``damping``
-    x the mean eigenvalue of Phi^T R Phi (float64), and their LDS on the evaluation targets."""
+    x the mean eigenvalue of Phi^T R Phi (float64); (n_train, n_targets)."""
     a, b, qd = phi_train.double(), phi_targets.double(), q.double()
     kernel = a.T @ ((qd * (1 - qd))[:, None] * a)
     lam = damping * kernel.trace() / len(kernel)
     solved = torch.linalg.solve(kernel + lam * torch.eye(len(kernel), dtype=torch.float64), b.T)
-    return lds.lds((a @ solved) * qd[:, None], gt, part="eval")
+    return (a @ solved) * qd[:, None]
+
+
+def with_r(phi_train, phi_targets, q, damping: float, gt: lds.GroundTruth) -> lds.Score:
+    """Exercise 6: the LDS (evaluation targets) of ``with_r_scores``."""
+    return lds.lds(with_r_scores(phi_train, phi_targets, q, damping), gt, part="eval")
+
+
+def last_layer_ensemble_scores(models, x_train, y_train, x_targets, y_targets, *, weight_decay: float,
+                               damping: float, n_models: int = 5) -> torch.Tensor:
+    """Exercise 7's scores: ``surrogate.last_layer_influence`` (one damping) averaged over the first
+    ``min(n_models, len(models))`` models; (n_train, n_targets)."""
+    n = min(n_models, len(models))
+    scores = [surrogate.last_layer_influence(models.net, models.state_of(m), x_train, y_train, x_targets, y_targets,
+                                             weight_decay=weight_decay, damping=damping).scores for m in range(n)]
+    return torch.stack(scores).mean(0)
 
 
 def last_layer_ensemble(models, x_train, y_train, x_targets, y_targets, gt: lds.GroundTruth, *,
                         weight_decay: float, damping: float, n_models: int = 5) -> lds.Score:
-    """Exercise 7: ``surrogate.last_layer_influence`` (one damping) averaged over the first ``min(n_models,
-    len(models))`` models, and its LDS on the evaluation targets."""
-    n = min(n_models, len(models))
-    scores = [surrogate.last_layer_influence(models.net, models.state_of(m), x_train, y_train, x_targets, y_targets,
-                                             weight_decay=weight_decay, damping=damping).scores for m in range(n)]
-    return lds.lds(torch.stack(scores).mean(0), gt, part="eval")
+    """Exercise 7: the LDS (evaluation targets) of ``last_layer_ensemble_scores``."""
+    return lds.lds(last_layer_ensemble_scores(models, x_train, y_train, x_targets, y_targets,
+                                              weight_decay=weight_decay, damping=damping, n_models=n_models),
+                   gt, part="eval")
