@@ -1,14 +1,14 @@
 """Automatic checks for the chapters' exercises: one call in an exercise's cell says right or not yet, with a hint.
 
-A chapter computes the reference value itself (from its own run, so it holds in every setting) and passes the
-student's answer and the reference to :func:`check`::
+A chapter passes the student's answer and the reference value to :func:`check`; the reference is computed from the
+chapter's own run (in ``course_lib.references``, so that it holds in every setting and shows no solution)::
 
-    >>> bool(check("2", 0.26, 0.25, tol=0.02, hint="write the mean over the subsets that contain i with p_i",
-    ...       explain="c_i = p_i (1 - p_i)"))
-    Exercise 2: right — c_i = p_i (1 - p_i)
+    >>> bool(check("2", 0.26, 0.25, tol=0.02, hint="add the four values and divide by four",
+    ...       explain="the mean of the four values"))
+    Exercise 2: right — the mean of the four values
     True
-    >>> bool(check("2", 0.4, 0.25, tol=0.02, hint="write the mean over the subsets that contain i with p_i"))
-    Exercise 2: not yet — write the mean over the subsets that contain i with p_i
+    >>> bool(check("2", 0.4, 0.25, tol=0.02, hint="add the four values and divide by four"))
+    Exercise 2: not yet — add the four values and divide by four
     False
 
 An answer that is still unset (``None`` or ``...``) is not an error, so that a student copy, whose solutions
