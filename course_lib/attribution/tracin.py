@@ -124,3 +124,22 @@ def tracin_ideal(traj: Trajectory, x_train, y_train, x_targets, y_targets, *, ta
         out.index_add_(0, b, -(float(traj.lrs[s]) / (len(b) * (1 - momentum))) * (gb @ gt.T))
     grads.check_finite(out, "TracIn scores")
     return TracIn(out, time.perf_counter() - t0, traj.steps)
+
+
+def combine_checkpoints(per_checkpoint: dict, lrs, checkpoint_steps, n_train: int, momentum: float = 0.0) -> TracIn:
+    """TracInCP over the checkpoints ``checkpoint_steps`` from terms computed once per checkpoint.
+
+    per_checkpoint: {step s: the ``TracIn`` of the one checkpoint s with weight 1, ``tracin_scores(net, [state_s],
+    [1.0], ...)``}, shared by every number of checkpoints whose steps include s. Returns the ``TracIn`` whose scores
+    are sum_c lr_weights[c] per_checkpoint[s_c].scores (``lr_weights(lrs, checkpoint_steps, n_train, momentum)``),
+    whose seconds are the sum of those checkpoints' seconds (its own checkpoints only) and whose checkpoints is C.
+    Equal to ``tracin_scores`` at those states with those weights. Raises KeyError for a step with no term and the
+    errors of ``lr_weights``."""
+    steps = [int(s) for s in checkpoint_steps]
+    missing = [s for s in steps if s not in per_checkpoint]
+    if missing:
+        raise KeyError(f"no per-checkpoint TracIn term for steps {missing}")
+    w = lr_weights(lrs, steps, n_train, momentum)
+    scores = sum(float(wi) * per_checkpoint[s].scores.double() for wi, s in zip(w, steps))
+    return TracIn(scores.to(per_checkpoint[steps[0]].scores.dtype), sum(per_checkpoint[s].seconds for s in steps),
+                  len(steps))

@@ -220,3 +220,21 @@ def _batch_hessian(traj: Trajectory, s: int, xb, yb) -> torch.Tensor:
         logits = functional_call(net, {**grads.unflatten(v, like), **buffers}, (xb,))
         return (wb * measure.loss(logits, yb)).sum() / len(yb)
     return torch.func.hessian(obj)(traj.thetas[s].clone())
+
+
+def shared_outcomes(changes, tol: float) -> list[list[int]]:
+    """Group the rows of ``changes`` (rows, targets) that land on the same outcome: a row joins the first group whose
+    first row it matches to within ``tol`` on every target (largest absolute difference below tol), else it starts a
+    new group. Returns the groups as lists of row indices, in the order of their first rows (chapter 05: the retrained
+    runs past the jump of the linearity experiment, rows of one example's margin changes)."""
+    changes = torch.as_tensor(changes)
+    if changes.ndim != 2:
+        raise ValueError(f"changes must be (rows, targets), got shape {tuple(changes.shape)}")
+    groups: list[list[int]] = []
+    for r in range(len(changes)):
+        home = next((g for g in groups if float((changes[r] - changes[g[0]]).abs().max()) < tol), None)
+        if home is None:
+            groups.append([r])
+        else:
+            home.append(r)
+    return groups
