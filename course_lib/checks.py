@@ -119,6 +119,17 @@ def check_paired_gain(diff, what: str, bound: float = 0.0) -> float:
     return gain
 
 
+def check_same_seed(seeds, expected: int, what: str) -> int:
+    """Every seed in ``seeds`` equals ``expected`` (e.g. the seeds the fixed-seed ground truths were trained with
+    against the attributed run's): a ground truth of another run would score a derivative of this run against the
+    wrong counterfactual. Returns the number of seeds checked."""
+    seeds = [int(s) for s in seeds]
+    wrong = [s for s in seeds if s != int(expected)]
+    if not seeds or wrong:
+        raise AssertionError(f"{what}: trained with seeds {seeds or 'none'}, not all {int(expected)}")
+    return len(seeds)
+
+
 def check_psd_vs_indefinite(gnh_eigs, hessian_eigs, rel: float = 1e-6):
     """The GNH spectrum has no eigenvalue below -rel x its largest; the Hessian's smallest is below that bound.
     Fails for a 'GNH' that is really the Hessian, or a Hessian that came out PSD (e.g. the GNH by mistake)."""
