@@ -41,3 +41,13 @@ def test_isotropic_tracin_compares_with_the_given_value():
     assert got["isotropic"] > 0.9  # H close to c I: TracIn ranks nearly as the exact derivative
     assert got["answer"] == "higher"
     assert X.isotropic_tracin(1.0, 300)["answer"] == "lower"  # a perfect table value cannot be beaten
+
+
+def test_rank_agreement_is_the_mean_per_target_spearman():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(30, 4, generator=g, dtype=DT)
+    assert X.rank_agreement(a, 3 * a + 1) == pytest.approx(1.0)  # monotone copies rank alike
+    assert X.rank_agreement(a, -a) == pytest.approx(-1.0)
+    b = a.clone()
+    b[:, 0] = -b[:, 0]  # one target reversed out of four: (1 + 1 + 1 - 1) / 4
+    assert X.rank_agreement(a, b) == pytest.approx(0.5)

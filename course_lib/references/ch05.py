@@ -37,3 +37,9 @@ def isotropic_tracin(rho_badly_conditioned: float, steps: int, d: int = 10) -> d
     exact, tracin = least_squares.scores(least_squares.problem(torch.ones(d)), steps)
     rho = float(lds.spearman_columns(exact[:, None], tracin[:, None])[0])
     return {"answer": "higher" if rho > rho_badly_conditioned else "lower", "isotropic": rho}
+
+
+def rank_agreement(scores_a, scores_b) -> float:
+    """Exercise 4: the mean over targets (columns) of the Spearman correlation between two (n_train, T) score
+    matrices, e.g. truncated unrolling at its tuned K and TracIn over every step."""
+    return float(lds.spearman_columns(scores_a, scores_b).mean())
