@@ -66,6 +66,8 @@ COURSE_METHODS = {
 
 # the public functions of course_lib.attribution that are not methods of their own, by what they are
 BUILDING_BLOCKS = {
+    "chapter 05's training-dynamics pieces (TracInCP's weighted sum over checkpoints, linearity outcomes)": [
+        "tracin.combine_checkpoints", "unroll.shared_outcomes"],
     "chapter 05's least-squares example (TracIn's bias against the unrolled derivative)": [
         "least_squares.problem", "least_squares.gd_run", "least_squares.scores", "least_squares.at_optimum"],
     "the label sign of the similarity rules": ["similarity.label_signed"],
