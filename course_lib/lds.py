@@ -442,6 +442,17 @@ def lds_difference(scores_a, scores_b, gt: GroundTruth, targets=None, models=Non
                              n_boot=n_boot, seed=seed)[0]
 
 
+def paired_verdict(diff: Score, a: str = "A", b: str = "B") -> str:
+    """The verdict of a paired difference LDS(a) - LDS(b) (``lds_difference``) in words: ``"<a> ahead"`` when its
+    95% interval lies above 0, ``"<b> ahead"`` when it lies below 0, else ``"not told apart"`` (the interval
+    includes 0; a bound exactly at 0 counts as including it)."""
+    lo, hi = diff.ci
+    if lo > 0:
+        return f"{a} ahead"
+    if hi < 0:
+        return f"{b} ahead"
+    return "not told apart"
+
 def _predicted_and_actual(scores, gt: GroundTruth, targets, models, part, measure="margin"):
     scores = torch.as_tensor(scores)
     targets = gt.target_idx if targets is None else torch.as_tensor(targets)

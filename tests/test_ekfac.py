@@ -381,3 +381,14 @@ def test_resnet9_scores_use_the_factored_layers_only():
     ref = -sum(torch.einsum("noi,toi->nt", g_tr[k].double(), X[k]) for k in fac.layers) / len(y)
     assert torch.allclose(res.scores[("ekfac", 1e-3)], ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
     checks.check_informative(res.scores[("ekfac", 1e-3)])
+
+
+def test_kfac_seconds_leave_out_the_eigenvalue_pass():
+    """K-FAC is charged its covariances and eigenvectors, not EK-FAC's eigenvalue pass (published to chapter 07)."""
+    net, state, x, y = _cnn(n=10)
+    fac = E.fit_factors(net, state, x, y, labels="empirical")
+    fac.seconds = {"covariance": 1.0, "eigen": 2.0, "lambda": 100.0}  # a slow eigenvalue pass shows in the seconds
+    res = E.influence_scores(fac, net, state, x, y, x[:3], y[:3], dampings=[1e-2], kinds=["kfac", "ekfac"],
+                             batch_size=5)
+    assert 3.0 < res.seconds[("kfac", 1e-2)] < 100.0
+    assert res.seconds[("ekfac", 1e-2)] > 103.0

@@ -543,7 +543,9 @@ def eigh_solve(eigh, V: torch.Tensor, damping: float) -> torch.Tensor:
 @dataclass
 class EkfacScores:
     """scores: {(kind, damping): (n_train, T) tau} in the course convention; seconds: {(kind, damping): wall
-    time of factors + gradients + solve for that one setting}; grad_seconds: the shared per-example gradients."""
+    time of factors + gradients + solve for that one setting, the factors counting only what that curvature needs
+    (K-FAC: covariances and eigendecompositions; EK-FAC: also the eigenvalue pass)}; grad_seconds: the shared
+    per-example gradients."""
     scores: dict
     seconds: dict
     grad_seconds: float
@@ -591,7 +593,9 @@ def influence_scores(factors: Factors, net, state: dict, x_train, y_train, x_tar
             out[s][start:start + len(yb)] = -(rot_g @ W[s].T) / n
             t_solve[s] += time.perf_counter() - t1
         start += len(yb)
-    secs = {s: factors.total_seconds + t_tg + t_grad + t_solve[s] for s in settings_}
+    # K-FAC needs only the covariances and their eigenvectors: the eigenvalue-correction pass is EK-FAC's alone
+    own = {k: factors.total_seconds - (factors.seconds.get("lambda", 0.0) if k == "kfac" else 0.0) for k in kinds}
+    secs = {s: own[s[0]] + t_tg + t_grad + t_solve[s] for s in settings_}
     return EkfacScores(out, secs, t_tg + t_grad)
 
 
