@@ -488,8 +488,16 @@ def tune(candidates: dict, gt: GroundTruth, seed: int = 0, n_boot: int = 2000) -
     for key, sc in candidates.items():
         pred, actual = _predicted_and_actual(sc, gt, None, None, "tune")
         tuning[key] = float(spearman_columns(pred.numpy(), actual.numpy()).mean())
-    choice = max(tuning, key=tuning.get)  # max returns the first maximal key
+    choice = choose(tuning)
     return Tuned(choice, tuning, lds(candidates[choice], gt, seed=seed, part="eval", n_boot=n_boot))
+
+
+def choose(tuning: dict):
+    """``tune``'s choice rule on its own, for tuning LDS values kept without their scores (e.g. in a cache): the key
+    with the highest value, the first such key on a tie. Raises ValueError on an empty dict."""
+    if not tuning:
+        raise ValueError("choose needs at least one candidate: {key: tuning LDS}")
+    return max(tuning, key=tuning.get)  # max returns the first maximal key
 
 
 def ceiling(r, k: int):

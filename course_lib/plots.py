@@ -213,6 +213,15 @@ def reference_line(ax, score, label=None, color="gray", ls="--", bar_at=None):
                 transform=ax.get_yaxis_transform())
 
 
+def reference_lines(ax, refs, legend: bool = True, right: float = 0.975, step: float = 0.025):
+    """Several ``reference_line``s: ``refs`` is a list of (label, score, colour, line style). The first one's interval
+    is a band; the others' are bars side by side ending at ``right`` (axes coordinates), so that none hides another.
+    ``legend=False`` draws them without labels (a second panel that shares the first one's legend)."""
+    for j, (label, score, color, ls) in enumerate(refs):
+        reference_line(ax, score, label if legend else None, color, ls,
+                       bar_at=None if j == 0 else right - step * (len(refs) - j))
+
+
 def plain_log_ticks(axis, lo: float, hi: float):
     """Ticks of a log-scaled ``axis`` (``ax.xaxis`` or ``ax.yaxis``) at 1, 2, 5 x powers of ten between ``lo`` and
     ``hi``, labelled as plain numbers (10, 20, 50 rather than 10^1, 2 x 10^1), no minor ticks."""

@@ -52,3 +52,16 @@ def test_loss_feature_scores_solve_the_kernel_of_the_loss_gradients():
     q_t = trak.out_to_loss(net, state, x[n:], y[n:]).double()
     expected = trak.kernel_solve(-q_tr[:, None] * margin_tr, -q_t[:, None] * margin_t, 0.5)
     assert torch.allclose(got, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_with_r_scores_stay_finite_when_q_is_exactly_0_or_1():
+    """Exercise 6's reference never divides by sqrt(Q (1 - Q)): images with Q = 0 or 1 (weight 0 in the kernel) give
+    finite scores, where a solution that divides by that factor without a clamp would give NaN."""
+    g = torch.Generator().manual_seed(3)
+    phi = torch.randn(25, 5, generator=g, dtype=torch.float64)
+    phi_t = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    q = torch.rand(25, generator=g, dtype=torch.float64)
+    q[:3] = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    got = X.with_r_scores(phi, phi_t, q, 0.2)
+    assert torch.isfinite(got).all()
+    assert (got[[0, 2]] == 0).all()  # Q = 0: no influence
