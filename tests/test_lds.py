@@ -518,3 +518,39 @@ def test_pearson_ceiling_measures_the_seed_noise_of_leave_one_out_effects():
     assert lds.pearson_ceiling(pure, n_boot=300).mean < 0.5
     with pytest.raises(ValueError, match="seeds"):
         lds.pearson_ceiling(true[:, None])
+
+
+def test_choose_takes_the_highest_and_the_first_on_a_tie():
+    assert lds.choose({0.1: 0.2, 1.0: 0.5, 10.0: 0.3}) == 1.0
+    assert lds.choose({"a": 0.4, "b": 0.4}) == "a"
+
+
+def test_choose_refuses_an_empty_dict():
+    with pytest.raises(ValueError):
+        lds.choose({})
+
+
+def _diff(lo, hi):
+    return lds.Score((lo + hi) / 2, (lo, hi), np.zeros(3))
+
+
+def test_interval_above_zero_is_a_ahead():
+    assert lds.paired_verdict(_diff(0.02, 0.10), "EK-FAC", "TRAK") == "EK-FAC ahead"
+
+
+def test_interval_below_zero_is_b_ahead():
+    assert lds.paired_verdict(_diff(-0.10, -0.01), "EK-FAC", "TRAK") == "TRAK ahead"
+
+
+def test_interval_covering_zero_tells_nothing_apart():
+    assert lds.paired_verdict(_diff(-0.01, 0.05), "EK-FAC", "TRAK") == "not told apart"
+    assert lds.paired_verdict(_diff(0.0, 0.05)) == "not told apart"  # a bound at 0 includes 0
+    assert lds.paired_verdict(_diff(-0.05, 0.0)) == "not told apart"
+
+
+def test_a_flipped_difference_flips_the_verdict():
+    """Swapping the two methods negates the difference: a verdict that ignored the sign would not change."""
+    d = _diff(0.01, 0.04)
+    flipped = _diff(-0.04, -0.01)
+    assert lds.paired_verdict(d, "x", "y") == "x ahead"
+    assert lds.paired_verdict(flipped, "y", "x") == "x ahead"

@@ -1,4 +1,4 @@
-"""tracin.combine_checkpoints (TracInCP from per-checkpoint terms) and unroll.shared_outcomes, chapter 05."""
+"""course_lib.attribution.tracin and unroll helpers: TracInCP over checkpoints, grouping equal outcomes."""
 import pytest
 import torch
 
