@@ -10,10 +10,14 @@ from .. import lds
 from ..attribution import surrogate, trak
 
 
+def no_q_scores(result: trak.TrakResult) -> torch.Tensor:
+    """Exercise 1's scores: the first model's TRAK scores without Q (``scores(m=1, q="none")``)."""
+    return result.scores(m=1, q="none")
+
+
 def no_q_one_model(result: trak.TrakResult, gt: lds.GroundTruth) -> lds.Score:
-    """Exercise 1: the LDS (evaluation targets) of the first model's TRAK scores without Q (``scores(m=1,
-    q="none")``)."""
-    return lds.lds(result.scores(m=1, q="none"), gt, part="eval")
+    """Exercise 1: the LDS (evaluation targets) of ``no_q_scores(result)``."""
+    return lds.lds(no_q_scores(result), gt, part="eval")
 
 
 def loss_feature_scores(net, state: dict, x_train, y_train, x_targets, y_targets, projection,
